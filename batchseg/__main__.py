@@ -1,0 +1,5 @@
+import sys
+
+from batchseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""`batchseg run`: annotate images with a YAML job config and CLI overrides.
+
+Exit codes: 0 success, 2 bad flag or config (nothing was started), 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from batchseg.config import ConfigError, JobConfig, load_config, parse_override
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+
+# flag -> config path; model flags go to models.* (the single selected task).
+_JOB_FLAGS = {
+    "output": ["output"],
+    "batch_size": ["batch_size"],
+    "num_actors": ["num_actors"],
+    "max_actors": ["max_actors"],
+    "device": ["device"],
+    "precision": ["precision"],
+    "s3_endpoint_url": ["s3", "endpoint_url"],
+    "ray_address": ["ray_address"],
+}
+_MODEL_FLAGS = ("backend", "model", "weights", "label_map", "score_threshold", "min_size", "max_size")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchseg", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="annotate images into OUTPUT/annotations (Parquet)")
+    run.add_argument("--config", help="YAML job config (see jobs/configs/)")
+    run.add_argument("--input", action="append", metavar="URI", help="image folder, file or tar shard; repeatable")
+    run.add_argument("--output", metavar="URI", help="output folder (local path or s3://...)")
+    run.add_argument("--tasks", help="comma-separated tasks, e.g. instance")
+    run.add_argument("--backend", help="detectron2 | torchvision | package.module:Class")
+    run.add_argument("--model", help="detectron2 config name/YAML path, or torchvision architecture")
+    run.add_argument("--weights", metavar="URI", help="weights: local path, s3:// or https:// URL")
+    run.add_argument("--random-init", action="store_true", help="no weights: random initialisation (smoke tests)")
+    run.add_argument("--label-map", metavar="URI", help="YAML/JSON: model class index -> {id, name}")
+    run.add_argument("--score-threshold", type=float)
+    run.add_argument("--min-size", type=int, help="test-time shortest edge, pixels")
+    run.add_argument("--max-size", type=int, help="test-time longest edge cap, pixels")
+    run.add_argument("--batch-size", type=int, help="images per model forward")
+    run.add_argument("--num-actors", type=int, help="predictor actors (default: one per GPU)")
+    run.add_argument("--max-actors", type=int, help="let the actor pool grow to this size")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    run.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph, ...)")
+    run.add_argument("--s3-anon", action="store_true", help="anonymous S3 access (public buckets)")
+    run.add_argument("--overwrite", action="store_true", help="replace annotations already in OUTPUT")
+    run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any config field by dotted path, e.g. models.instance.score_threshold=0.7")
+    run.add_argument("--dry-run", action="store_true", help="validate the config, print it, start nothing")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    overrides: list[tuple[list[str], Any]] = []
+    if args.input:
+        overrides.append((["inputs"], args.input))
+    if args.tasks:
+        overrides.append((["tasks"], [t.strip() for t in args.tasks.split(",") if t.strip()]))
+    for flag, path in _JOB_FLAGS.items():
+        if getattr(args, flag) is not None:
+            overrides.append((path, getattr(args, flag)))
+    for flag, path in (("s3_anon", ["s3", "anon"]), ("overwrite", ["overwrite"])):
+        if getattr(args, flag):
+            overrides.append((path, True))
+    model_values = {f: getattr(args, f) for f in _MODEL_FLAGS if getattr(args, f) is not None}
+    if args.random_init:
+        model_values["random_init"] = True
+    overrides += [parse_override(item) for item in args.set]
+    overrides += [(["models", "*", k], v) for k, v in model_values.items()]
+    return load_config(args.config, overrides)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from batchseg import job as job_module
+
+    job = config_from_args(args)
+    job_module.preflight(job)
+    if args.dry_run:
+        print(json.dumps(job.model_dump(mode="json"), indent=2))
+        return EXIT_OK
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=job.ray_address, log_to_driver=True)
+    summary = job_module.run(job)
+    images = summary["images"]
+    print(
+        f"batchseg: {images['in']} images, {images['annotated']} annotated, {images['failed']} failed, "
+        f"{summary['instances']} instances in {summary['wall_time_s']:.1f} s "
+        f"({summary['images_per_s']} images/s) -> {summary['annotations']}"
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except ConfigError as e:
+        print(f"batchseg: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

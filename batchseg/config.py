@@ -1,0 +1,230 @@
+"""One typed job config: a YAML file plus CLI overrides, validated before Ray starts.
+
+Every check that can fail without touching an image happens here (unknown task, bad URI
+scheme, missing weights), so a bad job exits with one line before any work is scheduled.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASKS = ("instance",)
+BACKENDS = ("detectron2", "torchvision")
+URI_SCHEMES = ("", "file", "s3", "gs", "gcs", "abfs", "az", "http", "https", "memory")
+
+DEFAULT_MODELS: dict[str, dict[str, Any]] = {
+    "instance": {
+        "backend": "detectron2",
+        "model": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message is one line that names the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Strict):
+    """How to reach object storage; credentials come from the usual AWS env vars / profiles."""
+
+    endpoint_url: str | None = None  # also read from AWS_ENDPOINT_URL(_S3) by botocore itself
+    anon: bool = False
+    region: str | None = None
+
+    def options(self, uri: str) -> dict[str, Any]:
+        """fsspec storage options for `uri` (empty for anything but s3://)."""
+        if _scheme(uri) not in ("s3", "s3a"):
+            return {}
+        opts: dict[str, Any] = {"anon": self.anon}
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            opts["client_kwargs"] = client
+        return opts
+
+
+class ModelConfig(_Strict):
+    """One task's predictor.
+
+    backend: "detectron2", "torchvision", or "package.module:Class" for a custom backend.
+    model: detectron2 model-zoo config name or YAML path; torchvision architecture name.
+    weights: local path, s3:// or http(s) URL (downloaded once per node and cached).
+    """
+
+    backend: str
+    model: str | None = None
+    weights: str | None = None
+    random_init: bool = False
+    label_map: str | dict[int, Any] | None = None
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    min_size: int | None = Field(None, gt=0, description="test-time shortest edge, pixels")
+    max_size: int | None = Field(None, gt=0, description="test-time longest edge cap, pixels")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in BACKENDS and ":" not in v:
+            raise ValueError(
+                f"unknown backend {v!r}; use one of {', '.join(BACKENDS)} or 'package.module:Class'"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _weights_or_random(self) -> "ModelConfig":
+        if self.backend in BACKENDS and not self.weights and not self.random_init:
+            raise ValueError(
+                "no weights given; set weights to a path, s3:// or https:// URL "
+                "(--weights), or ask for random_init (--random-init) for a smoke test"
+            )
+        return self
+
+
+class JobConfig(_Strict):
+    inputs: list[str] = Field(min_length=1)
+    output: str
+    tasks: list[str] = Field(default_factory=lambda: ["instance"], min_length=1)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    batch_size: int = Field(4, gt=0, description="images per model forward")
+    num_actors: int | None = Field(None, gt=0, description="predictor actors; None = one per GPU")
+    max_actors: int | None = Field(None, gt=0, description="autoscale the pool up to this many")
+    gpus_per_actor: float = Field(1.0, gt=0)
+    read_rows_per_block: int = Field(16, gt=0, description="images per read/decode task")
+    rows_per_file: int = Field(2000, gt=0, description="least rows per output Parquet file")
+    max_image_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb limit")
+    overwrite: bool = Field(False, description="replace annotations already in the output")
+    s3: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        for task in v:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; supported: {', '.join(TASKS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"task listed twice in {v}")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _input_schemes(cls, v: list[str]) -> list[str]:
+        for uri in v:
+            _check_scheme(uri)
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output_scheme(cls, v: str) -> str:
+        _check_scheme(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_default_models(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            models = dict(data.get("models") or {})
+            for task in data.get("tasks") or ["instance"]:
+                default, given = DEFAULT_MODELS.get(task), models.get(task) or {}
+                if default and given.get("backend", default["backend"]) == default["backend"]:
+                    models[task] = {**default, **given}
+            data = {**data, "models": models}
+        return data
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "JobConfig":
+        if self.precision != "fp32" and self.device == "cpu":
+            raise ValueError(f"precision {self.precision} needs CUDA; use precision: fp32 on CPU")
+        if self.max_actors is not None and self.max_actors < (self.num_actors or 1):
+            raise ValueError("max_actors must be >= num_actors")
+        return self
+
+    def storage_options(self, uri: str) -> dict[str, Any]:
+        return self.s3.options(uri)
+
+
+def _scheme(uri: str) -> str:
+    head, sep, _ = uri.partition("://")
+    return head.lower() if sep else ""
+
+
+def _check_scheme(uri: str) -> None:
+    if _scheme(uri) not in URI_SCHEMES:
+        raise ValueError(
+            f"unsupported URI scheme in {uri!r}; use a local path or one of "
+            + ", ".join(s + "://" for s in URI_SCHEMES if s)
+        )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], yaml-parsed value)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"bad override {item!r}; write it as key.path=value")
+    return key.split("."), yaml.safe_load(value)
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    if path[:2] == ["models", "*"]:  # a model flag: the one selected task
+        tasks = data.get("tasks") or ["instance"]
+        if not isinstance(tasks, list) or len(tasks) != 1:
+            raise ConfigError(
+                f"a model flag ({path[2]}) needs exactly one task; with several tasks use "
+                f"--set models.TASK.{path[2]}=VALUE"
+            )
+        path = ["models", str(tasks[0]), *path[2:]]
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a mapping")
+    node[path[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[tuple[list[str], Any]]) -> JobConfig:
+    """Read the YAML file (if any), apply dotted overrides in order, validate.
+
+    Raises ConfigError with a one-line message on any problem.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {_first_line(str(e))}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for key_path, value in overrides:
+        _set_path(data, key_path, value)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"config error at {where}: {msg}{more}"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text

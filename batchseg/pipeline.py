@@ -1,0 +1,74 @@
+"""The Ray Data graph, and nothing else. Reads top to bottom like the data flow:
+
+  list (fsspec) -> read bytes -> decode + orient + resize -> predict + encode (actor pool)
+  -> write Parquet
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.data import ActorPoolStrategy, Dataset, SaveMode
+
+from batchseg import stages
+from batchseg.config import JobConfig
+from batchseg.storage import output_fs
+
+ANNOTATIONS = "annotations"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the predictors run: `actors` pool size (up to `max_actors`), on `device`."""
+
+    device: str
+    actors: int
+    max_actors: int
+    gpus_per_actor: float
+
+
+def place(job: JobConfig) -> Placement:
+    """Resolve device "auto" and the pool size against the connected Ray cluster."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = job.device if job.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    if device == "cuda" and gpus == 0:
+        raise RuntimeError("device is cuda but the Ray cluster has no GPUs; use --device cpu or add GPU nodes")
+    per_gpu = max(1, int(gpus // job.gpus_per_actor)) if device == "cuda" else 1
+    actors = job.num_actors or per_gpu
+    return Placement(device, actors, job.max_actors or actors, job.gpus_per_actor if device == "cuda" else 0)
+
+
+def build(job: JobConfig, where: Placement) -> Dataset:
+    task = job.tasks[0]
+    model = job.models[task]
+
+    ds = ray.data.from_items([{"root": uri} for uri in job.inputs])
+    ds = ds.flat_map(stages.list_root, fn_kwargs={"storage": job.s3})
+    ds = ds.repartition(target_num_rows_per_block=job.read_rows_per_block)
+    ds = ds.map_batches(  # I/O bound: a quarter CPU each keeps many reads in flight
+        stages.read_batch, fn_kwargs={"storage": job.s3}, batch_size=None, num_cpus=0.25,
+    )
+    ds = ds.map_batches(  # CPU bound; fused into the actor only when it asks for no GPU
+        stages.decode_batch, fn_kwargs={"model": model, "max_pixels": job.max_image_pixels}, batch_size=None,
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        stages.Annotate,
+        fn_constructor_kwargs={"job": job, "task": task, "device": where.device},
+        compute=ActorPoolStrategy(min_size=where.actors, max_size=where.max_actors),
+        batch_size=job.batch_size,
+        num_gpus=where.gpus_per_actor,
+        num_cpus=1,
+    )
+    return ds
+
+
+def write(ds: Dataset, job: JobConfig) -> None:
+    fs, root = output_fs(job)
+    ds.write_parquet(
+        f"{root}/{ANNOTATIONS}",
+        filesystem=fs,
+        min_rows_per_file=job.rows_per_file,
+        mode=SaveMode.OVERWRITE if job.overwrite else SaveMode.APPEND,  # preflight refused a non-empty output
+    )
