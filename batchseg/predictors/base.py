@@ -49,6 +49,10 @@ class Detections:
     category_ids: np.ndarray
     masks: np.ndarray
 
+    def select(self, keep: np.ndarray) -> "Detections":
+        """The instances at `keep` (an index or boolean array)."""
+        return Detections(self.boxes[keep], self.scores[keep], self.category_ids[keep], self.masks[keep])
+
     @classmethod
     def empty(cls, height: int, width: int) -> "Detections":
         return cls(

@@ -49,7 +49,7 @@ class TorchvisionBackend:
                 f"checkpoint has {num_classes} classes but the label map names index {max(label_map)}; "
                 "give a label_map that matches the checkpoint"
             )
-        self._index_to_id = np.zeros(num_classes, np.int64)
+        self._index_to_id = np.full(num_classes, -1, np.int64)  # -1: background / "N/A" slots
         for index, category in label_map.items():
             self._index_to_id[index] = category.id
 
@@ -90,15 +90,16 @@ class TorchvisionBackend:
             proposals, _ = model.rpn(batch, features)
             found, _ = model.roi_heads(features, proposals, batch.image_sizes)
         found = model.transform.postprocess(found, batch.image_sizes, [(x.height, x.width) for x in images])
-        return [
-            Detections(
+        results = []
+        for d in found:
+            det = Detections(
                 boxes=d["boxes"].float().cpu().numpy(),
                 scores=d["scores"].float().cpu().numpy(),
                 category_ids=self._index_to_id[d["labels"].cpu().numpy()],
                 masks=(d["masks"][:, 0] > 0.5).cpu().numpy(),
             )
-            for d in found
-        ]
+            results.append(det.select(det.category_ids >= 0))  # classes outside the label map
+        return results
 
 
 def _arch(cfg: ModelConfig) -> str:

@@ -1,0 +1,87 @@
+"""Bad flags and configs fail before any work starts, with one line naming the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from batchseg.config import ConfigError, load_config
+
+
+def cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "batchseg", "run", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def tv(*extra):
+    return ["--backend", "torchvision", "--random-init", *extra]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "/x", "--output", "/o", "--tasks", "bogus"], "unknown task 'bogus'"),
+    (["--input", "ftp://host/x", "--output", "/o", *tv()], "unsupported URI scheme"),
+    (["--input", "/x", "--output", "/o", "--backend", "torchvision"], "no weights given"),
+    (["--input", "/x", "--output", "/o", "--backend", "torchvision", "--weights", "/no/such.pth"], "weights not found"),
+    (["--input", "/definitely/missing", "--output", "/o", *tv()], "input not found"),
+    (["--input", "/x", "--output", "/o", *tv("--model", "resnet9000")], "unknown torchvision model"),
+    (["--input", "/x", "--output", "/o", *tv("--batch-size", "0")], "batch_size"),
+    (["--input", "/x", "--output", "/o", *tv("--set", "no_such_field=1")], "no_such_field"),
+    (["--input", "/x", "--output", "/o", *tv("--precision", "fp16", "--device", "cpu")], "needs CUDA"),
+    (["--config", "/no/job.yaml"], "config file not found"),
+])
+def test_bad_config_exits_2_with_one_line(args, message, tmp_path):
+    result = cli(*[str(tmp_path) if a == "/x" else str(tmp_path / "out") if a == "/o" else a for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_unknown_flag_is_a_usage_error():
+    result = cli("--no-such-flag")
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_detectron2_backend_without_weights_names_the_fix(tmp_path):
+    result = cli("--input", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "no weights given" in result.stderr and "--random-init" in result.stderr
+
+
+def test_refuses_output_with_annotations(tmp_path):
+    (tmp_path / "out/annotations").mkdir(parents=True)
+    (tmp_path / "out/annotations/part.parquet").write_bytes(b"x")
+    result = cli("--input", str(tmp_path), "--output", str(tmp_path / "out"), *tv())
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+def test_dry_run_prints_resolved_config(tmp_path):
+    result = cli("--input", str(tmp_path), "--output", str(tmp_path / "o"), *tv("--score-threshold", "0.7"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert '"score_threshold": 0.7' in result.stdout and '"backend": "torchvision"' in result.stdout
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "inputs: [s3://bucket/images/]\noutput: s3://bucket/out/\n"
+        "models:\n  instance: {backend: torchvision, random_init: true, score_threshold: 0.3}\n"
+    )
+    cfg = load_config(path, [(["models", "instance", "score_threshold"], 0.8), (["batch_size"], 16)])
+    assert cfg.models["instance"].score_threshold == 0.8 and cfg.batch_size == 16
+    assert cfg.models["instance"].model is None  # detectron2's default config name does not leak in
+    assert cfg.storage_options("s3://b/k") == {"anon": False}
+
+
+def test_model_flag_with_several_tasks_is_refused():
+    with pytest.raises(ConfigError, match="exactly one task"):
+        load_config(None, [(["inputs"], ["/x"]), (["output"], "/o"), (["tasks"], ["instance", "instance"]),
+                           (["models", "*", "weights"], "/w.pth")])
+
+
+def test_s3_endpoint_goes_to_client_kwargs():
+    cfg = load_config(None, [(["inputs"], ["s3://b/i/"]), (["output"], "/o"), (["models", "*", "backend"], "torchvision"),
+                             (["models", "*", "random_init"], True), (["s3", "endpoint_url"], "http://127.0.0.1:9000")])
+    assert cfg.storage_options("s3://b/i/") == {"anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert cfg.storage_options("/local/path") == {}
