@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:
+#   make demo   set up, then run the main job on the embedded default (local Ray, sample images)
+#   make test   set up, then run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test setup samples clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/torch.txt
+	$(BIN)/pip install --quiet -r requirements/torch.txt
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+samples: setup
+	$(BIN)/python -m batchseg.samples samples --bad
+
+demo: samples
+	$(BIN)/batchseg run --config jobs/configs/local-demo.yaml
+	@echo "annotations: out/demo/annotations  summary: out/demo/run.json"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) samples out

@@ -1,0 +1,30 @@
+"""docs/schema.md and batchseg.schema.ROW describe the same columns and types."""
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+
+from batchseg.schema import INSTANCE, ROW
+
+DOC = (Path(__file__).resolve().parents[1] / "docs/schema.md").read_text()
+
+
+def _documented(heading: str) -> dict[str, str]:
+    section = DOC.split(heading, 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `(\w+)` \| ([\w<>]+) \|", section, flags=re.M))
+
+
+def _doc_type(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        inner = t.value_type
+        return f"list<{'struct' if pa.types.is_struct(inner) else inner}>"
+    return "struct" if pa.types.is_struct(t) else str(t)
+
+
+def test_row_columns_are_documented_with_their_types():
+    assert _documented("## One row per input image") == {f.name: _doc_type(f.type) for f in ROW}
+
+
+def test_instance_fields_are_documented_with_their_types():
+    assert _documented("## An instance") == {f.name: _doc_type(f.type) for f in INSTANCE}
