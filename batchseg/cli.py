@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -92,7 +93,7 @@ def run_command(args: argparse.Namespace) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=job.ray_address, log_to_driver=True)
+        ray.init(address=ray_address(job))
     summary = job_module.run(job)
     images = summary["images"]
     print(
@@ -101,6 +102,14 @@ def run_command(args: argparse.Namespace) -> int:
         f"({summary['images_per_s']} images/s) -> {summary['annotations']}"
     )
     return EXIT_OK
+
+
+def ray_address(job: JobConfig) -> str | None:
+    """--ray-address, else RAY_ADDRESS (set inside `ray job submit`), else a fresh local Ray.
+
+    A bare ray.init() would attach to whatever cluster /tmp/ray last recorded, even a dead one.
+    """
+    return job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,3 +85,17 @@ def test_s3_endpoint_goes_to_client_kwargs():
                              (["models", "*", "random_init"], True), (["s3", "endpoint_url"], "http://127.0.0.1:9000")])
     assert cfg.storage_options("s3://b/i/") == {"anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
     assert cfg.storage_options("/local/path") == {}
+
+
+def test_cli_run_starts_its_own_local_ray(samples, tmp_path):
+    """No --ray-address and no RAY_ADDRESS: a fresh local Ray, whatever /tmp/ray last recorded."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "batchseg", "run", "--input", str(samples.root / "street"), "--output", str(tmp_path),
+         "--backend", "tests.oracle:ColorKeyBackend"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "batchseg: 2 images, 2 annotated, 0 failed, 4 instances" in result.stdout
