@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 from batchseg.config import ConfigError, JobConfig, load_config, parse_override
@@ -96,10 +97,11 @@ def run_command(args: argparse.Namespace) -> int:
         ray.init(address=ray_address(job))
     summary = job_module.run(job)
     images = summary["images"]
+    found = ", ".join(f"{v['total']} {column}" for column, v in summary["found"].items())
     print(
-        f"batchseg: {images['in']} images, {images['annotated']} annotated, {images['failed']} failed, "
-        f"{summary['instances']} instances in {summary['wall_time_s']:.1f} s "
-        f"({summary['images_per_s']} images/s) -> {summary['annotations']}"
+        f"batchseg: {images['in']} images, {images['annotated']} annotated, {images['failed']} failed; "
+        f"found {found} in {summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s) "
+        f"-> {summary['annotations']}"
     )
     return EXIT_OK
 
@@ -114,6 +116,9 @@ def ray_address(job: JobConfig) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Import-time notices from detectron2's dependencies; they would bury a one-line error.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     args = _parser().parse_args(argv)
     try:
         return run_command(args)

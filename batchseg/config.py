@@ -13,15 +13,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TASKS = ("instance",)
+TASKS = ("instance", "panoptic", "keypoint", "densepose")
 BACKENDS = ("detectron2", "torchvision")
 URI_SCHEMES = ("", "file", "s3", "gs", "gcs", "abfs", "az", "http", "https", "memory")
 
+# detectron2 model zoo (and DensePose's); weights default to the official checkpoints.
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {
-    "instance": {
-        "backend": "detectron2",
-        "model": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
-    },
+    "instance": {"backend": "detectron2", "model": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"},
+    "panoptic": {"backend": "detectron2", "model": "COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml"},
+    "keypoint": {"backend": "detectron2", "model": "COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml"},
+    "densepose": {"backend": "detectron2", "model": "densepose_rcnn_R_50_FPN_s1x"},
 }
 
 
@@ -60,7 +61,8 @@ class ModelConfig(_Strict):
 
     backend: "detectron2", "torchvision", or "package.module:Class" for a custom backend.
     model: detectron2 model-zoo config name or YAML path; torchvision architecture name.
-    weights: local path, s3:// or http(s) URL (downloaded once per node and cached).
+    weights: local path, s3:// or http(s) URL (downloaded once per node and cached); for
+      detectron2 zoo configs, None means the official checkpoint.
     """
 
     backend: str
@@ -69,6 +71,8 @@ class ModelConfig(_Strict):
     random_init: bool = False
     label_map: str | dict[int, Any] | None = None
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    categories: list[str] | None = Field(None, description="keep only these category names")
+    batch_size: int | None = Field(None, gt=0, description="images per forward; default: the job's")
     min_size: int | None = Field(None, gt=0, description="test-time shortest edge, pixels")
     max_size: int | None = Field(None, gt=0, description="test-time longest edge cap, pixels")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -84,7 +88,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_or_random(self) -> "ModelConfig":
-        if self.backend in BACKENDS and not self.weights and not self.random_init:
+        if self.backend == "torchvision" and not self.weights and not self.random_init:
             raise ValueError(
                 "no weights given; set weights to a path, s3:// or https:// URL "
                 "(--weights), or ask for random_init (--random-init) for a smoke test"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -73,3 +74,14 @@ def resize_shortest_edge(rgb: np.ndarray, short: int, long_cap: int) -> np.ndarr
     if (new_h, new_w) == (h, w):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR))
+
+
+@dataclass(frozen=True)
+class ShortestEdge:
+    """A preprocessor: resize_shortest_edge with fixed sizes (equal instances share their output)."""
+
+    short: int
+    long_cap: int
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        return resize_shortest_edge(rgb, self.short, self.long_cap)

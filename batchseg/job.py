@@ -12,11 +12,18 @@ from fsspec.core import url_to_fs
 from batchseg import pipeline, report
 from batchseg.config import ConfigError, JobConfig
 from batchseg.errors import one_line
-from batchseg.predictors.base import backend_class
+from batchseg.predictors.base import backend_class, weights_uri
+from batchseg.stages import allowed_ids
+from batchseg.tasks import TASK_TABLE
 from batchseg.storage import join, output_fs, write_json
 from batchseg.weights import check_weights
 
 log = logging.getLogger(__name__)
+
+_INSTALL_HINTS = {
+    "detectron2": "install detectron2 from its official source (README: detectron2 and DensePose) or use backend: torchvision",
+    "densepose": "install DensePose from detectron2's projects/DensePose (README: detectron2 and DensePose)",
+}
 
 
 def preflight(job: JobConfig) -> None:
@@ -29,25 +36,22 @@ def preflight(job: JobConfig) -> None:
         model = job.models[task]
         where = f"models.{task}"
         try:
-            backend = backend_class(model.backend)
+            backend = backend_class(model.backend, task)
+            backend.preprocessor(model)
+            allowed_ids(task, model, backend)
+            weights = weights_uri(model, backend)
         except ImportError as e:
-            raise ConfigError(
-                f"{where}: backend {model.backend!r} needs the {e.name!r} package, which is not installed"
-                + ("; install detectron2 from its official source (see README) or use backend: torchvision"
-                   if model.backend == "detectron2" else "")
-            ) from None
+            raise ConfigError(f"{where}: backend {model.backend!r} needs the {e.name!r} package, which is not installed; "
+                              + _INSTALL_HINTS.get(e.name or "", "install it")) from None
         except AttributeError as e:
             raise ConfigError(f"{where}: backend {model.backend!r} not found: {e}") from None
-        try:
-            backend.preprocessor(model)
-            backend.label_map(model)
         except Exception as e:
             raise ConfigError(f"{where}: {one_line(e)}") from None
-        if model.weights:
+        if weights:
             try:
-                check_weights(model.weights, job.storage_options(model.weights))
+                check_weights(weights, job.storage_options(weights))
             except FileNotFoundError as e:
-                raise ConfigError(f"{where}.weights: {e}") from None
+                raise ConfigError(f"{where}.weights: {e}; set weights to a reachable path or URL") from None
     for uri in job.inputs:
         try:
             fs, path = url_to_fs(uri, **job.storage_options(uri))
@@ -80,7 +84,7 @@ def run(job: JobConfig) -> dict[str, Any]:
     wall = time.time() - started
 
     fs, root = output_fs(job)
-    counts = report.count_rows(fs, f"{root}/{pipeline.ANNOTATIONS}")
+    counts = report.count_rows(fs, f"{root}/{pipeline.ANNOTATIONS}", [TASK_TABLE[t].column for t in job.tasks])
     summary = {
         **counts,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
@@ -89,7 +93,7 @@ def run(job: JobConfig) -> dict[str, Any]:
         "device": where.device,
         "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor},
         "categories": {
-            task: report.category_table(backend_class(job.models[task].backend).label_map(job.models[task]))
+            task: backend_class(job.models[task].backend, task).categories(job.models[task]).table()
             for task in job.tasks
         },
         "annotations": join(job.output, pipeline.ANNOTATIONS),

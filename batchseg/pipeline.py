@@ -40,9 +40,7 @@ def place(job: JobConfig) -> Placement:
 
 
 def build(job: JobConfig, where: Placement) -> Dataset:
-    task = job.tasks[0]
-    model = job.models[task]
-
+    models = {task: job.models[task] for task in job.tasks}
     ds = ray.data.from_items([{"root": uri} for uri in job.inputs])
     ds = ds.flat_map(stages.list_root, fn_kwargs={"storage": job.s3})
     ds = ds.repartition(target_num_rows_per_block=job.read_rows_per_block)
@@ -50,14 +48,14 @@ def build(job: JobConfig, where: Placement) -> Dataset:
         stages.read_batch, fn_kwargs={"storage": job.s3}, batch_size=None, num_cpus=0.25,
     )
     ds = ds.map_batches(  # CPU bound; fused into the actor only when it asks for no GPU
-        stages.decode_batch, fn_kwargs={"model": model, "max_pixels": job.max_image_pixels}, batch_size=None,
+        stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels}, batch_size=None,
         num_cpus=1,
     )
     ds = ds.map_batches(
         stages.Annotate,
-        fn_constructor_kwargs={"job": job, "task": task, "device": where.device},
+        fn_constructor_kwargs={"job": job, "device": where.device},
         compute=ActorPoolStrategy(min_size=where.actors, max_size=where.max_actors),
-        batch_size=job.batch_size,
+        batch_size=max([job.batch_size] + [m.batch_size or 0 for m in models.values()]),
         num_gpus=where.gpus_per_actor,
         num_cpus=1,
     )

@@ -4,7 +4,7 @@ Each batch is a dict of equal-length numpy arrays (Ray Data's "numpy" batch form
 Columns grow as a row moves along:
   list      uri, size, version, is_shard
   read      uri, size, version, data (bytes), error (str | None)
-  decode    uri, size, version, error, image ((h, w, 3) uint8 model input), height, width
+  decode    uri, size, version, error, height, width, image_0.. ((h, w, 3) uint8 model inputs)
   annotate  -> pyarrow Table with schema.ROW
 A failure at any stage sets `error` and the row rides along to the end; nothing is dropped.
 """
@@ -20,11 +20,11 @@ import pyarrow as pa
 
 from batchseg import sources
 from batchseg.config import JobConfig, ModelConfig, StorageConfig
-from batchseg.encoding import encode_instances
 from batchseg.errors import one_line
 from batchseg.imaging import DecodeError, decode_rgb
-from batchseg.predictors.base import Detections, ModelInput, backend_class
+from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, preprocess_plan, weights_uri
 from batchseg.schema import ROW, image_id
+from batchseg.tasks import TASK_TABLE
 from batchseg.weights import local_weights
 
 log = logging.getLogger(__name__)
@@ -56,72 +56,81 @@ def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig) -> dict[str
     return _columns(out)
 
 
-def decode_batch(batch: dict[str, np.ndarray], model: ModelConfig, max_pixels: int) -> dict[str, np.ndarray]:
-    """bytes -> upright RGB -> the model's input array; records the original size."""
-    preprocess = backend_class(model.backend).preprocessor(model)
-    images, heights, widths, errors = [], [], [], []
+def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], max_pixels: int) -> dict[str, np.ndarray]:
+    """bytes -> upright RGB -> each distinct model input (`image_0`, `image_1`, ...).
+
+    Records the original size; see preprocess_plan for which task reads which image column.
+    """
+    preprocessors, _ = preprocess_plan(models)
+    images: list[list[np.ndarray]] = [[] for _ in preprocessors]
+    heights, widths, errors = [], [], []
     for data, error in zip(batch["data"], map(_text, batch["error"])):
-        image, height, width = _NO_IMAGE, -1, -1
+        inputs, height, width = [_NO_IMAGE] * len(preprocessors), -1, -1
         if error is None:
             try:
                 rgb = decode_rgb(data, max_pixels)
                 height, width = rgb.shape[:2]
-                image = preprocess(rgb)
+                inputs = [prep(rgb) for prep in preprocessors]
             except Exception as e:
                 error = str(e) if isinstance(e, DecodeError) else one_line(e)
-        images.append(image)
+                height, width = -1, -1
+        for column, image in zip(images, inputs):
+            column.append(image)
         heights.append(height)
         widths.append(width)
         errors.append(error)
     out = {k: batch[k] for k in ("uri", "size", "version")}
-    out.update(
-        error=_object_array(errors),
-        image=_object_array(images),
-        height=np.asarray(heights, np.int32),
-        width=np.asarray(widths, np.int32),
-    )
+    out.update(error=_object_array(errors), height=np.asarray(heights, np.int32), width=np.asarray(widths, np.int32))
+    out.update({f"image_{k}": _object_array(column) for k, column in enumerate(images)})
     return out
 
 
 class Annotate:
-    """Predictor actor: loads the model once, then batch -> one forward -> encoded rows.
+    """Predictor actor: loads every selected model once, then per batch: one forward per task
+    (in chunks of the task's batch size) over the same decoded images -> encoded rows.
 
-    If a batched forward raises, each image is retried alone so that one bad image becomes
+    If a batched forward raises, its images are retried alone so that one bad image becomes
     one error row instead of failing its whole batch.
     """
 
-    def __init__(self, job: JobConfig, task: str, device: str) -> None:
-        self.model_cfg = job.models[task]
-        weights = self.model_cfg.weights
-        local = local_weights(weights, job.storage_options(weights)) if weights else None
-        self.backend = backend_class(self.model_cfg.backend)(self.model_cfg, local, device, job.precision)
-        log.info("loaded %s model %s on %s", task, self.model_cfg.model, device)
+    def __init__(self, job: JobConfig, device: str) -> None:
+        self.models = {task: job.models[task] for task in job.tasks}
+        _, self.image_column = preprocess_plan(self.models)
+        self.backends, self.allowed = {}, {}
+        for task, cfg in self.models.items():
+            backend = backend_class(cfg.backend, task)
+            uri = weights_uri(cfg, backend)
+            local = local_weights(uri, job.storage_options(uri)) if uri else None
+            self.backends[task] = backend(cfg, local, device, job.precision)
+            self.allowed[task] = allowed_ids(task, cfg, backend)
+            log.info("loaded %s model %s on %s", task, cfg.model, device)
+        self.batch_size = {task: cfg.batch_size or job.batch_size for task, cfg in self.models.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
         errors = [_text(e) for e in batch["error"]]
-        todo = [i for i in range(n) if errors[i] is None]
-        inputs = [
-            ModelInput(str(batch["uri"][i]), batch["image"][i], int(batch["height"][i]), int(batch["width"][i]))
-            for i in todo
-        ]
-        found: dict[int, Detections] = {}
-        for i, det in zip(todo, self._predict(inputs)):
-            if isinstance(det, Exception):
-                errors[i] = f"predict failed: {one_line(det)}"
-            else:
-                found[i] = det
+        cells: dict[str, dict[int, Any]] = {task: {} for task in self.models}
+        for task, backend in self.backends.items():
+            todo = [i for i in range(n) if errors[i] is None]
+            column = batch[f"image_{self.image_column[task]}"]
+            inputs = [
+                ModelInput(str(batch["uri"][i]), column[i], int(batch["height"][i]), int(batch["width"][i]))
+                for i in todo
+            ]
+            spec, cfg = TASK_TABLE[task], self.models[task]
+            for i, result in zip(todo, self._predict(backend, inputs, self.batch_size[task])):
+                if isinstance(result, Exception):
+                    errors[i] = f"{task}: predict failed: {one_line(result)}"
+                    continue
+                try:
+                    cells[task][i] = spec.encode(result, cfg.score_threshold, self.allowed[task])
+                except Exception as e:
+                    errors[i] = f"{task}: encode failed: {one_line(e)}"
         rows = []
         for i in range(n):
             uri = str(batch["uri"][i])
             decoded = batch["height"][i] > 0
-            instances = None
-            if i in found:
-                try:
-                    instances = encode_instances(found[i], self.model_cfg.score_threshold)
-                except Exception as e:
-                    errors[i] = f"encode failed: {one_line(e)}"
-            rows.append({
+            row = {
                 "image_id": image_id(uri),
                 "image_uri": uri,
                 "width": int(batch["width"][i]) if decoded else None,
@@ -129,20 +138,33 @@ class Annotate:
                 "source_size": int(batch["size"][i]),
                 "source_version": str(batch["version"][i]),
                 "error": errors[i],
-                "instances": instances if errors[i] is None else None,
-            })
+            }
+            for task in self.models:
+                row[TASK_TABLE[task].column] = cells[task].get(i) if errors[i] is None else None
+            rows.append(row)
         return pa.Table.from_pylist(rows, schema=ROW)
 
-    def _predict(self, inputs: list[ModelInput]) -> list[Detections | Exception]:
-        if not inputs:
-            return []
-        try:
-            return list(self.backend.predict(inputs))
-        except Exception as e:
-            if len(inputs) == 1:
-                return [e]
-            log.warning("batched forward failed (%s); retrying %d images one at a time", one_line(e), len(inputs))
-            return [self._predict([x])[0] for x in inputs]
+    def _predict(self, backend: Backend, inputs: list[ModelInput], batch_size: int) -> list[Result | Exception]:
+        out: list[Result | Exception] = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            try:
+                out += list(backend.predict(chunk))
+            except Exception as e:
+                if len(chunk) == 1:
+                    out.append(e)
+                    continue
+                log.warning("batched forward failed (%s); retrying %d images one at a time", one_line(e), len(chunk))
+                out += [self._predict(backend, [x], 1)[0] for x in chunk]
+        return out
+
+
+def allowed_ids(task: str, cfg: ModelConfig, backend: type[Backend]) -> set[int] | None:
+    """Dataset ids a task keeps: the category allow-list, and persons only for person tasks."""
+    names = list(cfg.categories or [])
+    if TASK_TABLE[task].persons_only:
+        names = [n for n in names if n == "person"] if names else ["person"]
+    return backend.categories(cfg).ids_named(names) if names else None
 
 
 def _text(value: Any) -> str | None:

@@ -15,6 +15,8 @@ from typing import Any
 from filelock import FileLock
 from fsspec.core import url_to_fs
 
+from batchseg.errors import one_line
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BATCHSEG_CACHE", Path.home() / ".cache" / "batchseg")) / "weights"
@@ -25,14 +27,23 @@ def is_remote(uri: str) -> bool:
 
 
 def check_weights(uri: str, storage_options: dict[str, Any]) -> None:
-    """Raise FileNotFoundError (one line) unless `uri` names an existing file."""
+    """Raise FileNotFoundError (one line) unless `uri` names an existing file.
+
+    Uses info(), not isfile(): fsspec's isfile turns a connection error into False, which
+    would call an unreachable host "not found".
+    """
     try:
         fs, path = url_to_fs(uri, **storage_options)
-        found = fs.isfile(path)
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        cause = e.__cause__ or e.__context__  # fsspec's http wraps a connection error this way
+        if cause is not None and not isinstance(cause, FileNotFoundError):
+            raise FileNotFoundError(f"weights not reachable at {uri} ({one_line(cause)})") from None
+        raise FileNotFoundError(f"weights not found at {uri}") from None
     except Exception as e:  # unreachable host, bad credentials, unknown protocol
-        raise FileNotFoundError(f"weights not reachable at {uri}: {type(e).__name__}: {e}") from None
-    if not found:
-        raise FileNotFoundError(f"weights not found at {uri}")
+        raise FileNotFoundError(f"weights not reachable at {uri} ({one_line(e)})") from None
+    if info.get("type", "file") != "file":
+        raise FileNotFoundError(f"weights at {uri} are a {info.get('type')}, not a file")
 
 
 def local_weights(uri: str, storage_options: dict[str, Any]) -> str:

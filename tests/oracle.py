@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from batchseg.config import ModelConfig
-from batchseg.predictors.base import Category, Detections, ModelInput, Preprocessor
+from batchseg.predictors.base import Categories, Category, Detections, ModelInput, Preprocessor
 from batchseg.samples import SHAPE_COLORS
 
 
@@ -22,11 +22,11 @@ class ColorKeyBackend:
 
     @staticmethod
     def preprocessor(cfg: ModelConfig) -> Preprocessor:
-        return lambda rgb: rgb  # full resolution: masks come out exact
+        return _identity  # full resolution: masks come out exact
 
     @staticmethod
-    def label_map(cfg: ModelConfig) -> dict[int, Category]:
-        return {cid: Category(cid, name) for cid, name in SHAPE_COLORS.values()}
+    def categories(cfg: ModelConfig) -> Categories:
+        return Categories({cid: Category(cid, name) for cid, name in SHAPE_COLORS.values()})
 
     def predict(self, images: list[ModelInput]) -> list[Detections]:
         ColorKeyBackend.calls.append(len(images))
@@ -51,3 +51,7 @@ class ColorKeyBackend:
                 masks=np.stack(masks),
             ))
         return out
+
+
+def _identity(rgb: np.ndarray) -> np.ndarray:
+    return rgb

@@ -67,7 +67,7 @@ def test_rows_equal_default_predictor(samples, d2_model, name):
 
 
 def test_label_map_comes_from_coco_metadata(d2_model):
-    label_map = Detectron2Backend.label_map(d2_model[0])
+    label_map = Detectron2Backend.categories(d2_model[0]).things
     assert len(label_map) == 80
     assert label_map[0].id == 1 and label_map[0].name == "person" and label_map[79].id == 90
 
@@ -81,7 +81,7 @@ def test_detectron2_through_the_pipeline(ray_cluster, samples, d2_model, tmp_pat
     )
     rows = read_rows(str(tmp_path / "annotations"))
     assert len(rows) == 6 and summary["images"] == {"in": 6, "annotated": 2, "failed": 4}
-    coco_ids = {c["id"] for c in summary["categories"]["instance"]}
+    coco_ids = {c["id"] for c in summary["categories"]["instance"]["things"]}
     assert all(i["category_id"] in coco_ids for r in rows for i in r["instances"] or [])
     assert summary["versions"]["detectron2"]
 

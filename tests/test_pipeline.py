@@ -50,11 +50,11 @@ def test_segm_and_bbox_ap_are_exactly_one(oracle_run, samples, capsys):
         ev = COCOeval(gt, gt.loadRes(results), iou)
         ev.evaluate(), ev.accumulate(), ev.summarize()
         assert ev.stats[0] == pytest.approx(1.0), iou
-    assert summary["instances"] == len(results)
+    assert summary["found"]["instances"]["total"] == len(results)
     per_cat = {}
     for a in gt.dataset["annotations"]:
         per_cat[str(a["category_id"])] = per_cat.get(str(a["category_id"]), 0) + 1
-    assert summary["instances_per_category"] == per_cat
+    assert summary["found"]["instances"]["per_category"] == per_cat
 
 
 def test_rows_follow_the_contract(oracle_run, samples):
@@ -90,7 +90,7 @@ def test_run_json(oracle_run):
     out, summary, _ = oracle_run
     written = json.loads((out / "run.json").read_text())
     assert written["images"] == summary["images"]
-    assert written["categories"]["instance"] == [
+    assert written["categories"]["instance"]["things"] == [
         {"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}, {"id": 44, "name": "bottle"}
     ]
     assert written["versions"]["ray"] and written["versions"]["torch"] and "detectron2" in written["versions"]
@@ -114,14 +114,14 @@ def _batch(samples, names):
         "uri": np.array([f"file://{samples.root / n}" for n in names], object),
         "size": np.zeros(len(names), np.int64), "version": np.array(["v"] * len(names), object),
         "error": np.array([None] * len(names), object),
-        "image": np.array(imgs + [None], object)[:-1],
+        "image_0": np.array(imgs + [None], object)[:-1],
         "height": np.array([i.shape[0] for i in imgs], np.int32), "width": np.array([i.shape[1] for i in imgs], np.int32),
     }
 
 
 def _annotator():
     cfg = load_config(None, [(["inputs"], ["/x"]), (["output"], "/o"), (["models"], {"instance": ORACLE})])
-    return Annotate(cfg, "instance", "cpu")
+    return Annotate(cfg, "cpu")
 
 
 def test_one_forward_per_batch(samples):
@@ -132,15 +132,16 @@ def test_one_forward_per_batch(samples):
 
 def test_failed_batched_forward_retries_images_alone(samples, monkeypatch):
     annotate = _annotator()
-    real = annotate.backend.predict
+    backend = annotate.backends["instance"]
+    real = backend.predict
 
     def fragile(images):
         if any(x.width == 1 for x in images):
             raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
         return real(images)
 
-    monkeypatch.setattr(annotate.backend, "predict", fragile)
+    monkeypatch.setattr(backend, "predict", fragile)
     rows = annotate(_batch(samples, ["street/scene_a.png", "odd/one_pixel.png", "park/scene_c.bmp"])).to_pylist()
     assert [r["error"] is None for r in rows] == [True, False, True]
-    assert rows[1]["error"] == "predict failed: RuntimeError: CUDA error: an illegal memory access"
+    assert rows[1]["error"] == "instance: predict failed: RuntimeError: CUDA error: an illegal memory access"
     assert len(rows[0]["instances"]) == 2

@@ -4,8 +4,9 @@ import re
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
-from batchseg.schema import INSTANCE, ROW
+from batchseg.schema import DENSEPOSE_PERSON, INSTANCE, KEYPOINT_PERSON, PANOPTIC_SEGMENT, ROW
 
 DOC = (Path(__file__).resolve().parents[1] / "docs/schema.md").read_text()
 
@@ -26,5 +27,11 @@ def test_row_columns_are_documented_with_their_types():
     assert _documented("## One row per input image") == {f.name: _doc_type(f.type) for f in ROW}
 
 
-def test_instance_fields_are_documented_with_their_types():
-    assert _documented("## An instance") == {f.name: _doc_type(f.type) for f in INSTANCE}
+@pytest.mark.parametrize("heading, struct", [
+    ("## An instance", INSTANCE),
+    ("## A panoptic segment", PANOPTIC_SEGMENT),
+    ("## A person with keypoints", KEYPOINT_PERSON),
+    ("## A person with DensePose", DENSEPOSE_PERSON),
+])
+def test_struct_fields_are_documented_with_their_types(heading, struct):
+    assert _documented(heading) == {f.name: _doc_type(f.type) for f in struct}

@@ -19,9 +19,9 @@ def test_random_weights_through_the_pipeline(ray_cluster, samples, tv_weights, t
     )
     rows = read_rows(str(tmp_path / "annotations"))
     assert len(rows) == 5 and all(r["error"] is None for r in rows)
-    coco_ids = {c["id"] for c in summary["categories"]["instance"]}
+    coco_ids = {c["id"] for c in summary["categories"]["instance"]["things"]}
     assert len(coco_ids) == 80 and max(coco_ids) == 90
-    assert summary["instances"] > 0
+    assert summary["found"]["instances"]["total"] > 0
     for r in rows:
         for inst in r["instances"]:
             assert inst["category_id"] in coco_ids
@@ -42,7 +42,7 @@ def test_finetuned_checkpoint_with_label_map(ray_cluster, samples, tmp_path):
         "score_threshold": 0.0, **SMALL,
     }
     _, summary = run_job(inputs=[str(samples.root / "street")], output=str(tmp_path / "out"), models={"instance": model})
-    assert summary["categories"]["instance"] == [{"id": 7, "name": "widget"}, {"id": 9, "name": "gadget"}]
+    assert summary["categories"]["instance"]["things"] == [{"id": 7, "name": "widget"}, {"id": 9, "name": "gadget"}]
     ids = {i["category_id"] for r in read_rows(str(tmp_path / "out/annotations")) for i in r["instances"]}
     assert ids and ids <= {7, 9}
 

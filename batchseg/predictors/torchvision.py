@@ -11,16 +11,16 @@ the model's own resize is switched off and masks are pasted straight at original
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from torchvision.models import detection
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from batchseg.config import ModelConfig
-from batchseg.imaging import resize_shortest_edge
-from batchseg.predictors.base import Category, Detections, ModelInput, Preprocessor, autocast, load_label_map
+from batchseg.imaging import ShortestEdge
+from batchseg.predictors.base import (
+    Categories, Category, Detections, ModelInput, Preprocessor, autocast, load_label_map,
+)
 
 ARCHITECTURES = {
     "maskrcnn_resnet50_fpn": (detection.maskrcnn_resnet50_fpn, detection.MaskRCNN_ResNet50_FPN_Weights),
@@ -42,7 +42,7 @@ class TorchvisionBackend:
     def __init__(self, cfg: ModelConfig, weights: str | None, device: str, precision: str) -> None:
         builder, weights_enum = ARCHITECTURES[_arch(cfg)]
         state = _load_state(weights) if weights else None
-        label_map = self.label_map(cfg)
+        label_map = self.categories(cfg).things
         num_classes = state[_CLS_WEIGHT].shape[0] if state is not None else max(label_map) + 1
         if num_classes <= max(label_map):
             raise ValueError(
@@ -66,17 +66,15 @@ class TorchvisionBackend:
         self.autocast = autocast(device, precision)
 
     @staticmethod
-    def label_map(cfg: ModelConfig) -> dict[int, Category]:
+    def categories(cfg: ModelConfig) -> Categories:
         """From cfg.label_map (index 0 is background), else torchvision's COCO table."""
         given = load_label_map(cfg.label_map)
-        return given if given is not None else _coco_label_map(ARCHITECTURES[_arch(cfg)][1])
+        return Categories(given if given is not None else _coco_label_map(ARCHITECTURES[_arch(cfg)][1]))
 
     @staticmethod
     def preprocessor(cfg: ModelConfig) -> Preprocessor:
         _arch(cfg)
-        return functools.partial(
-            resize_shortest_edge, short=cfg.min_size or MIN_SIZE, long_cap=cfg.max_size or MAX_SIZE
-        )
+        return ShortestEdge(cfg.min_size or MIN_SIZE, cfg.max_size or MAX_SIZE)
 
     @torch.inference_mode()
     def predict(self, images: list[ModelInput]) -> list[Detections]:
