@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from batchseg.config import ModelConfig
-from batchseg.predictors.base import Categories, Category, Detections, ModelInput, Preprocessor
-from batchseg.samples import SHAPE_COLORS
+from batchseg.predictors.base import Categories, Category, Detections, ModelInput, Panoptic, PanopticSegment, Preprocessor
+from batchseg.samples import BACKGROUND, SHAPE_COLORS
 
 
 class ColorKeyBackend:
@@ -50,6 +50,29 @@ class ColorKeyBackend:
                 category_ids=np.asarray(ids, np.int64),
                 masks=np.stack(masks),
             ))
+        return out
+
+
+class ColorKeyPanoptic(ColorKeyBackend):
+    """Panoptic oracle: each shape colour a thing segment, the gray background one stuff segment."""
+
+    BACKGROUND_ID = 200
+
+    @staticmethod
+    def categories(cfg: ModelConfig) -> Categories:
+        return Categories(ColorKeyBackend.categories(cfg).things, stuff={0: Category(ColorKeyPanoptic.BACKGROUND_ID, "background")})
+
+    def predict(self, images: list[ModelInput]) -> list[Panoptic]:
+        out = []
+        for x in images:
+            id_map = np.zeros((x.height, x.width), np.int32)
+            segments = []
+            for color, (cid, isthing) in [*((c, (i, True)) for c, (i, _) in self.colors), (BACKGROUND, (self.BACKGROUND_ID, False))]:
+                mask = np.all(x.image == color, axis=-1)
+                if mask.any():
+                    segments.append(PanopticSegment(len(segments) + 1, cid, isthing, 1.0 if isthing else None))
+                    id_map[mask] = len(segments)
+            out.append(Panoptic(id_map, segments))
         return out
 
 

@@ -30,6 +30,7 @@ PANOPTIC_OPEN = {
     "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT": 0,
 }
 MODELS = {
+    "instance": ModelConfig(backend="detectron2", model="COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", **SMALL),
     "panoptic": ModelConfig(backend="detectron2", model="COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml",
                             options=PANOPTIC_OPEN, **SMALL),
     "keypoint": ModelConfig(backend="detectron2", model="COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml", **SMALL),
