@@ -103,3 +103,28 @@ def test_cli_run_starts_its_own_local_ray(samples, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "batchseg: 2 images, 2 annotated, 0 failed; found 4 instances" in result.stdout
+
+
+def test_unknown_category_names_fail_preflight(tmp_path):
+    result = cli("--input", str(tmp_path), "--output", str(tmp_path / "o"), *tv(),
+                 "--set", "models.instance.categories=[person, unicorn]")
+    assert result.returncode == 2 and "unknown categories ['unicorn']" in result.stderr
+
+
+def test_densepose_without_its_package_names_the_fix(tmp_path):
+    """sys.modules[name] = None makes `import name` fail as if the package were absent."""
+    code = (
+        "import sys; sys.modules['densepose'] = None; from batchseg.cli import main; "
+        f"sys.exit(main(['run', '--input', {str(tmp_path)!r}, '--output', {str(tmp_path / 'o')!r}, "
+        "'--tasks', 'densepose', '--random-init']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "models.densepose: backend 'detectron2' needs the" in line
+    assert ("'densepose' package" in line and "projects/DensePose" in line) or "'detectron2' package" in line
+
+
+def test_torchvision_backend_is_instance_only(tmp_path):
+    result = cli("--input", str(tmp_path), "--output", str(tmp_path / "o"), "--tasks", "panoptic", *tv())
+    assert result.returncode == 2 and "instance segmentation only" in result.stderr
