@@ -13,8 +13,7 @@ from batchseg import pipeline, report
 from batchseg.config import ConfigError, JobConfig
 from batchseg.errors import one_line
 from batchseg.predictors.base import backend_class, weights_uri
-from batchseg.stages import allowed_ids
-from batchseg.tasks import TASK_TABLE
+from batchseg.tasks import TASK_TABLE, allowed_ids
 from batchseg.storage import join, output_fs, write_json
 from batchseg.weights import check_weights
 

@@ -24,7 +24,7 @@ from batchseg.errors import one_line
 from batchseg.imaging import DecodeError, decode_rgb
 from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, preprocess_plan, weights_uri
 from batchseg.schema import ROW, image_id
-from batchseg.tasks import TASK_TABLE
+from batchseg.tasks import TASK_TABLE, allowed_ids
 from batchseg.weights import local_weights
 
 log = logging.getLogger(__name__)
@@ -157,14 +157,6 @@ class Annotate:
                 log.warning("batched forward failed (%s); retrying %d images one at a time", one_line(e), len(chunk))
                 out += [self._predict(backend, [x], 1)[0] for x in chunk]
         return out
-
-
-def allowed_ids(task: str, cfg: ModelConfig, backend: type[Backend]) -> set[int] | None:
-    """Dataset ids a task keeps: the category allow-list, and persons only for person tasks."""
-    names = list(cfg.categories or [])
-    if TASK_TABLE[task].persons_only:
-        names = [n for n in names if n == "person"] if names else ["person"]
-    return backend.categories(cfg).ids_named(names) if names else None
 
 
 def _text(value: Any) -> str | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchseg import encoding
-from batchseg.config import TASKS
+from batchseg.config import TASKS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -24,3 +24,11 @@ TASK_TABLE = {
     "densepose": Task("densepose", encoding.encode_densepose, persons_only=True),
 }
 assert tuple(TASK_TABLE) == TASKS
+
+
+def allowed_ids(task: str, cfg: ModelConfig, backend: Any) -> set[int] | None:
+    """Dataset ids a task keeps: the category allow-list, and persons only for person tasks."""
+    names = list(cfg.categories or [])
+    if TASK_TABLE[task].persons_only:
+        names = [n for n in names if n == "person"] if names else ["person"]
+    return backend.categories(cfg).ids_named(names) if names else None

@@ -7,6 +7,8 @@
 2. the whole pipeline (list, read, decode, predict, encode, write on local Ray) vs the
    batched model alone: how much of the model's speed the pipeline keeps.
 3. driver peak RSS for a run over N and over 4N images: must not grow with N.
+On CPU the actor gets one core (Ray's num_cpus=1 sets its torch threads) while model-only
+uses all of them, so there pipeline/model understates what a GPU node keeps.
 Absolute images/s mean something only on the GPU they were taken on.
 """
 
@@ -25,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batchseg import job  # noqa: E402
-from batchseg.config import load_config  # noqa: E402
+from batchseg.config import ModelConfig, load_config  # noqa: E402
 from batchseg.predictors.base import ModelInput  # noqa: E402
 from batchseg.predictors.torchvision import TorchvisionBackend  # noqa: E402
 
@@ -84,17 +86,7 @@ def main() -> None:
     model = {"backend": "torchvision", "random_init": True, "min_size": args.min_size,
              "max_size": int(args.min_size * 1.667), "score_threshold": 0.5}
 
-    torch.manual_seed(0)
-    from batchseg.config import ModelConfig
-
-    mcfg = ModelConfig(**model)
-    backend = TorchvisionBackend(mcfg, None, args.device, "fp32")
-    prep = TorchvisionBackend.preprocessor(mcfg)
-    inputs = [ModelInput(str(i), prep(x), *x.shape[:2]) for i, x in enumerate(rgbs)]
-    single = model_only(backend, inputs, 1)
-    batched = model_only(backend, inputs, args.batch_size)
-    del backend
-
+    # pipeline first: the driver's peak RSS must not include a model loaded in-process below
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rss_before = peak_rss_mib()
     small = pipeline_run(work / "small", work / "out_small", model, args)
@@ -102,6 +94,14 @@ def main() -> None:
     large = pipeline_run(work / "large", work / "out_large", model, args)
     rss_large = peak_rss_mib()
     ray.shutdown()
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(**model)
+    backend = TorchvisionBackend(mcfg, None, args.device, "fp32")
+    prep = TorchvisionBackend.preprocessor(mcfg)
+    inputs = [ModelInput(str(i), prep(x), *x.shape[:2]) for i, x in enumerate(rgbs)]
+    single = model_only(backend, inputs, 1)
+    batched = model_only(backend, inputs, args.batch_size)
 
     print(f"device {args.device}, {torch.get_num_threads()} torch threads, 480x640 JPEGs resized to "
           f"short side {args.min_size}, batch size {args.batch_size}")

@@ -24,7 +24,11 @@ def head_node(tmp_path):
     Yields (dashboard address, env for Ray CLI calls). Ray >= 2.59 requires token auth on
     local clusters; head and clients share RAY_AUTH_MODE=token and the token.
     """
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {
+        **os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        # the entrypoint says `python`: on a cluster node that is the env batchseg is installed in
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     gcs, dashboard = free_port(), free_port()
     ports = {
         "--node-manager-port": free_port(), "--object-manager-port": free_port(),

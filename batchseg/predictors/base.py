@@ -150,6 +150,11 @@ class DensePose:
     iuv: list[np.ndarray]
     masks: np.ndarray
 
+    @classmethod
+    def empty(cls, height: int, width: int) -> "DensePose":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), [],
+                   np.zeros((0, height, width), bool))
+
 
 Result = Detections | Keypoints | Panoptic | DensePose
 Preprocessor = Callable[[np.ndarray], np.ndarray]

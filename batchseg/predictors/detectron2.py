@@ -130,8 +130,13 @@ class Detectron2Model:
         with self.autocast:
             return self.model(inputs)
 
-    def dataset_ids(self, classes: torch.Tensor) -> np.ndarray:
-        return np.array([self.cats.things[int(c)].id for c in classes], np.int64)
+    def detected(self, inst) -> dict[str, np.ndarray]:
+        """boxes, scores and dataset category ids of a CPU Instances, as result fields."""
+        return {
+            "boxes": inst.pred_boxes.tensor.float().numpy(),
+            "scores": inst.scores.float().numpy(),
+            "category_ids": np.array([self.cats.things[int(c)].id for c in inst.pred_classes], np.int64),
+        }
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,12 +152,7 @@ class Detectron2Backend(Detectron2Model):
         results = []
         for out in self.forward(images):
             inst = out["instances"].to("cpu")
-            results.append(Detections(
-                boxes=inst.pred_boxes.tensor.float().numpy(),
-                scores=inst.scores.float().numpy(),
-                category_ids=self.dataset_ids(inst.pred_classes),
-                masks=inst.pred_masks.numpy().astype(bool),
-            ))
+            results.append(Detections(**self.detected(inst), masks=inst.pred_masks.numpy().astype(bool)))
         return results
 
 
@@ -176,12 +176,7 @@ class Detectron2KeypointBackend(Detectron2Model):
         results = []
         for out in self.forward(images):
             inst = out["instances"].to("cpu")
-            results.append(Keypoints(
-                boxes=inst.pred_boxes.tensor.float().numpy(),
-                scores=inst.scores.float().numpy(),
-                category_ids=self.dataset_ids(inst.pred_classes),
-                keypoints=inst.pred_keypoints.float().numpy(),
-            ))
+            results.append(Keypoints(**self.detected(inst), keypoints=inst.pred_keypoints.float().numpy()))
         return results
 
 
@@ -233,22 +228,18 @@ class DensePoseBackend(Detectron2Model):
         results = []
         for out in self.forward(images):
             inst = out["instances"].to("cpu")
-            n = len(inst)
-            if n and inst.has("pred_densepose"):
-                masks = ToMaskConverter.convert(inst.pred_densepose, inst.pred_boxes, inst.image_size).tensor.numpy()
-                iuv = [
+            if not len(inst):  # DensePose's head adds no pred_densepose to an empty result
+                results.append(DensePose.empty(*inst.image_size))
+                continue
+            masks = ToMaskConverter.convert(inst.pred_densepose, inst.pred_boxes, inst.image_size).tensor.numpy()
+            results.append(DensePose(
+                **self.detected(inst),
+                iuv=[
                     quantize_densepose_chart_result(
                         ToChartResultConverter.convert(inst.pred_densepose[k], inst.pred_boxes[k])
-                    ).labels_uv_uint8.cpu().numpy()
-                    for k in range(n)
-                ]
-            else:
-                masks, iuv = np.zeros((0, *inst.image_size), bool), []
-            results.append(DensePose(
-                boxes=inst.pred_boxes.tensor.float().numpy()[: len(iuv)],
-                scores=inst.scores.float().numpy()[: len(iuv)],
-                category_ids=self.dataset_ids(inst.pred_classes[: len(iuv)]),
-                iuv=iuv,
+                    ).labels_uv_uint8.numpy()
+                    for k in range(len(inst))
+                ],
                 masks=masks.astype(bool),
             ))
         return results
