@@ -1,6 +1,6 @@
-"""`batchseg run`: annotate images with a YAML job config and CLI overrides.
+"""`batchseg run | export | eval | render`: annotate images, then get the results out.
 
-Exit codes: 0 success, 2 bad flag or config (nothing was started), 1 the run failed.
+Exit codes: 0 success, 2 bad flag, config or input (nothing was started), 1 the run failed.
 """
 
 from __future__ import annotations
@@ -59,7 +59,41 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any config field by dotted path, e.g. models.instance.score_threshold=0.7")
     run.add_argument("--dry-run", action="store_true", help="validate the config, print it, start nothing")
+
+    export = commands.add_parser("export", help="write COCO / Label Studio / CVAT files from a results dataset")
+    export.add_argument("format", choices=["coco", "labelstudio", "cvat"])
+    export.add_argument("results", help="a run's output folder (or its annotations/), local or s3://")
+    export.add_argument("dest", help="folder to write into, local or s3://")
+    export.add_argument("--model-version", help="Label Studio: predictions' model_version (default: from run.json)")
+    export.add_argument("--tasks-per-file", type=int, default=1000, help="Label Studio: tasks per JSON file")
+    export.add_argument("--url-map", action="append", default=[], metavar="PREFIX=URL",
+                        help="Label Studio: rewrite image URIs starting with PREFIX (e.g. file:///data/=http://host/)")
+    _storage_flags(export)
+
+    evaluate = commands.add_parser("eval", help="COCOeval (bbox, segm, keypoints) and PQ against ground truth")
+    evaluate.add_argument("results")
+    evaluate.add_argument("--gt", required=True, metavar="GT_JSON", help="COCO instances / keypoints / panoptic JSON")
+    evaluate.add_argument("--gt-panoptic-dir", metavar="DIR", help="panoptic PNGs of the ground truth (default: next to GT_JSON)")
+    evaluate.add_argument("--out", metavar="JSON", help="where to write the metrics (default: RESULTS/eval.json)")
+    _storage_flags(evaluate)
+
+    render = commands.add_parser("render", help="overlay images and an index.html contact sheet")
+    render.add_argument("results")
+    render.add_argument("dest")
+    render.add_argument("--limit", type=int, default=100, help="images to render (default 100)")
+    _storage_flags(render)
     return parser
+
+
+def _storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph, ...)")
+    parser.add_argument("--s3-anon", action="store_true", help="anonymous S3 access")
+
+
+def _storage(args: argparse.Namespace):
+    from batchseg.config import StorageConfig
+
+    return StorageConfig(endpoint_url=args.s3_endpoint_url, anon=args.s3_anon)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -106,6 +140,62 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from batchseg.results import open_results
+
+    storage = _storage(args)
+    results = open_results(args.results, storage.options(args.results))
+    if args.format == "coco":
+        from batchseg.exports.coco import export_coco
+
+        written = export_coco(results, args.dest, storage.options(args.dest))
+    elif args.format == "labelstudio":
+        from batchseg.exports.labelstudio import export_labelstudio
+
+        written = export_labelstudio(results, args.dest, storage.options(args.dest), model_version=args.model_version,
+                                     tasks_per_file=args.tasks_per_file, url_map=[_pair(m) for m in args.url_map])
+    else:
+        from batchseg.exports.cvat import export_cvat
+
+        written = export_cvat(results, args.dest, storage.options(args.dest))
+    for name, count in written.items():
+        print(f"batchseg: wrote {args.dest.rstrip('/')}/{name} ({count} items)")
+    return EXIT_OK
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from batchseg.evaluate import evaluate, format_table
+    from batchseg.results import open_results
+    from batchseg.storage import write_json
+
+    storage = _storage(args)
+    results = open_results(args.results, storage.options(args.results))
+    metrics = evaluate(results, args.gt, args.gt_panoptic_dir, storage.options(args.gt))
+    print(format_table(metrics))
+    out = args.out or f"{args.results.rstrip('/')}/eval.json"
+    write_json(out, metrics, storage.options(out))
+    print(f"batchseg: metrics written to {out}")
+    return EXIT_OK
+
+
+def render_command(args: argparse.Namespace) -> int:
+    from batchseg.render import render
+    from batchseg.results import open_results
+
+    storage = _storage(args)
+    results = open_results(args.results, storage.options(args.results))
+    count = render(results, args.dest, limit=args.limit, storage=storage)
+    print(f"batchseg: rendered {count} images; open {args.dest.rstrip('/')}/index.html")
+    return EXIT_OK
+
+
+def _pair(item: str) -> tuple[str, str]:
+    prefix, sep, url = item.partition("=")
+    if not sep or not prefix:
+        raise ConfigError(f"bad --url-map {item!r}; write it as PREFIX=URL")
+    return prefix, url
+
+
 def ray_address(job: JobConfig) -> str | None:
     """--ray-address, else RAY_ADDRESS (set inside `ray job submit`), else a fresh local Ray.
 
@@ -120,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     args = _parser().parse_args(argv)
+    commands = {"run": run_command, "export": export_command, "eval": eval_command, "render": render_command}
     try:
-        return run_command(args)
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"batchseg: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -1,0 +1,40 @@
+"""CVAT import archives: "COCO 1.0" (instances with masks) and "COCO Keypoints 1.0" (skeletons).
+
+DEST gets cvat_coco_instances.zip (annotations/instances_default.json) and
+cvat_coco_keypoints.zip (annotations/person_keypoints_default.json), the layouts CVAT's
+importers read. Masks stay COCO RLE, which CVAT imports as mask shapes. Image file_names are
+relative to the run's input folders: create the CVAT task from the same folder layout.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from batchseg.exports.coco import export_coco
+from batchseg.results import Results
+
+ARCHIVES = {  # COCO file -> (archive, member path CVAT looks for)
+    "instances.json": ("cvat_coco_instances.zip", "annotations/instances_default.json"),
+    "person_keypoints.json": ("cvat_coco_keypoints.zip", "annotations/person_keypoints_default.json"),
+}
+
+
+def export_cvat(results: Results, dest: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    written = {}
+    with tempfile.TemporaryDirectory(prefix="batchseg-cvat-") as tmp:
+        counts = export_coco(results, tmp, only=set(ARCHIVES))
+        for coco_name, count in counts.items():
+            archive, member = ARCHIVES[coco_name]
+            local = Path(tmp) / archive
+            with zipfile.ZipFile(local, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                zf.write(Path(tmp) / coco_name, member)
+            fs, path = fsspec.core.url_to_fs(f"{dest.rstrip('/')}/{archive}", **(storage_options or {}))
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            fs.put_file(str(local), path)
+            written[archive] = count
+    return written

@@ -1,0 +1,50 @@
+"""Peak memory of `batchseg export coco` over N and 4N result rows. Prints figures; asserts nothing.
+
+    python benchmarks/export_memory.py [--rows 2000]
+
+Each export runs in its own process; its peak RSS must stay flat as the row count grows,
+because rows stream from Parquet in batches and the JSON is written item by item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.synthetic_results import write_results  # noqa: E402
+
+
+def export_peak_mib(results: Path, dest: Path) -> tuple[float, float]:
+    """(peak RSS of the export process in MiB, seconds)."""
+    code = (
+        "import resource, sys; from batchseg.cli import main; rc = main(['export', 'coco', sys.argv[1], sys.argv[2]]); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, str(results), str(dest)], capture_output=True, text=True, check=True)
+    peak_kib = int(out.stdout.rsplit("PEAK", 1)[1])
+    return peak_kib / 1024, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="batchseg-export-bench-"))
+    for n in (args.rows, 4 * args.rows):
+        results = write_results(work / f"r{n}", count=n, rows_per_file=500)
+        peak, seconds = export_peak_mib(results, work / f"coco{n}")
+        size = sum(p.stat().st_size for p in (work / f"coco{n}").glob("*.json")) / 2**20
+        print(f"{n:7d} rows (instances, keypoints, DensePose each): export peak RSS {peak:7.1f} MiB, "
+              f"{seconds:6.1f} s, {size:7.1f} MiB of JSON written")
+
+
+if __name__ == "__main__":
+    main()
