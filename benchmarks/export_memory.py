@@ -16,9 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
 
-from tests.synthetic_results import write_results  # noqa: E402
+
+def write_results(folder: Path, count: int) -> Path:
+    """In a process of its own: Linux carries a parent's peak RSS into a forked child's
+    ru_maxrss, so a parent that had built the rows would inflate the export's figure."""
+    code = f"from tests.synthetic_results import write_results; write_results(__import__('pathlib').Path({str(folder)!r}), {count}, 500)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    return folder
 
 
 def export_peak_mib(results: Path, dest: Path) -> tuple[float, float]:
@@ -28,7 +34,8 @@ def export_peak_mib(results: Path, dest: Path) -> tuple[float, float]:
         "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, str(results), str(dest)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(results), str(dest)], capture_output=True, text=True,
+                         check=True, cwd=REPO)
     peak_kib = int(out.stdout.rsplit("PEAK", 1)[1])
     return peak_kib / 1024, time.perf_counter() - start
 
@@ -39,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="batchseg-export-bench-"))
     for n in (args.rows, 4 * args.rows):
-        results = write_results(work / f"r{n}", count=n, rows_per_file=500)
+        results = write_results(work / f"r{n}", n)
         peak, seconds = export_peak_mib(results, work / f"coco{n}")
         size = sum(p.stat().st_size for p in (work / f"coco{n}").glob("*.json")) / 2**20
         print(f"{n:7d} rows (instances, keypoints, DensePose each): export peak RSS {peak:7.1f} MiB, "

@@ -170,12 +170,12 @@ def test_cvat_archives(people, tmp_path):
     written = export_cvat(people, str(tmp_path))
     assert set(written) == {"cvat_coco_instances.zip", "cvat_coco_keypoints.zip"}
     with zipfile.ZipFile(tmp_path / "cvat_coco_keypoints.zip") as zf:
-        assert zf.namelist() == ["annotations/person_keypoints_default.json"]
+        assert zf.namelist() == ["annotations/person_keypoints_default.json", "images/"]
         data = json.loads(zf.read("annotations/person_keypoints_default.json"))
     assert data["categories"][0]["keypoints"][0] == "nose"
     assert {a["keypoints"][2] for a in data["annotations"]} == {2}  # COCO visibility flags
     with zipfile.ZipFile(tmp_path / "cvat_coco_instances.zip") as zf:
-        assert zf.namelist() == ["annotations/instances_default.json"]
+        assert zf.namelist() == ["annotations/instances_default.json", "images/"]
 
 
 def test_render_writes_overlays_and_an_index(oracle_results, samples, tmp_path):

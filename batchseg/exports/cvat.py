@@ -33,6 +33,7 @@ def export_cvat(results: Results, dest: str, storage_options: dict[str, Any] | N
             local = Path(tmp) / archive
             with zipfile.ZipFile(local, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 zf.write(Path(tmp) / coco_name, member)
+                zf.writestr("images/", "")  # annotations only; datumaro's COCO importer wants the folder
             fs, path = fsspec.core.url_to_fs(f"{dest.rstrip('/')}/{archive}", **(storage_options or {}))
             fs.makedirs(fs._parent(path), exist_ok=True)
             fs.put_file(str(local), path)
