@@ -71,8 +71,11 @@ def evaluate(results: Results, gt_path: str, gt_panoptic_dir: str | None = None,
         metrics["panoptic"] = panoptic_quality(rows, matched, gt, folder, storage_options or {})
         return metrics
     anns = gt.get("annotations", [])
-    has_kp = any("keypoints" in c for c in gt.get("categories", []))
-    for column, iou_types in (("instances", ["bbox", "segm"]), ("keypoints", ["keypoints"] if has_kp else [])):
+    if any("keypoints" in c for c in gt.get("categories", [])):  # a person_keypoints ground truth
+        plan = [("keypoints", ["keypoints"])]
+    else:
+        plan = [("instances", ["bbox"] + (["segm"] if any("segmentation" in a for a in anns) else []))]
+    for column, iou_types in plan:
         detections = [
             {**{k: v for k, v in item.items() if k in ("category_id", "bbox", "score", "segmentation", "keypoints")},
              "image_id": matched[r["image_id"]]}

@@ -204,3 +204,11 @@ def test_export_and_eval_errors(args, message, people, tmp_path):
     cmd = [sys.executable, "-m", "batchseg", *[a.format(**{k: str(v) for k, v in paths.items()}) for a in args]]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+
+
+def test_eval_keypoints_against_their_own_coco_export(people, tmp_path):
+    """The dataset-form export (visibility flags instead of scores) as ground truth: OKS ~ 1."""
+    export_coco(people, str(tmp_path))
+    metrics = evaluate(people, str(tmp_path / "person_keypoints.json"))
+    assert metrics["keypoints"]["AP"] == 100.0
+    assert metrics["images"] == {"results": 3, "ground_truth": 3, "matched": 3}
