@@ -1,6 +1,7 @@
 """`batchseg run | export | eval | render`: annotate images, then get the results out.
 
-Exit codes: 0 success, 2 bad flag, config or input (nothing was started), 1 the run failed.
+Exit codes: 0 success, 1 the run failed, 2 bad flag, config or input (nothing was started),
+3 the run finished but more images failed than max_failed_fraction allows.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from batchseg.config import ConfigError, JobConfig, load_config, parse_override
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_FAILURE_BUDGET = 0, 1, 2, 3
 
 # flag -> config path; model flags go to models.* (the single selected task).
 _JOB_FLAGS = {
@@ -27,6 +28,7 @@ _JOB_FLAGS = {
     "precision": ["precision"],
     "s3_endpoint_url": ["s3", "endpoint_url"],
     "ray_address": ["ray_address"],
+    "max_failed_fraction": ["max_failed_fraction"],
 }
 _MODEL_FLAGS = ("backend", "model", "weights", "label_map", "score_threshold", "min_size", "max_size")
 
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph, ...)")
     run.add_argument("--s3-anon", action="store_true", help="anonymous S3 access (public buckets)")
     run.add_argument("--overwrite", action="store_true", help="replace annotations already in OUTPUT")
+    run.add_argument("--max-failed-fraction", type=float, metavar="F",
+                     help="exit 3 when more than this fraction of images fail (e.g. 0.05)")
     run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any config field by dotted path, e.g. models.instance.score_threshold=0.7")
@@ -137,6 +141,13 @@ def run_command(args: argparse.Namespace) -> int:
         f"found {found} in {summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s) "
         f"-> {summary['annotations']}"
     )
+    if summary["status"] == "failure_budget_exceeded":
+        print(
+            f"batchseg: {summary['failed_fraction']:.1%} of images failed, over max_failed_fraction="
+            f"{job.max_failed_fraction}; the failed list is {summary['failed_list']}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE_BUDGET
     return EXIT_OK
 
 

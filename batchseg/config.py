@@ -111,6 +111,9 @@ class JobConfig(_Strict):
     rows_per_file: int = Field(2000, gt=0, description="least rows per output Parquet file")
     max_image_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb limit")
     overwrite: bool = Field(False, description="replace annotations already in the output")
+    max_failed_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="exit 3 (failure budget exceeded) when more images than this fail"
+    )
     s3: StorageConfig = Field(default_factory=StorageConfig)
     ray_address: str | None = None
 

@@ -18,6 +18,7 @@ from batchseg.storage import join, output_fs, write_json
 from batchseg.weights import check_weights
 
 log = logging.getLogger(__name__)
+FAILED_LIST = "failed.jsonl"  # one {"image_uri", "error"} line per failed image
 
 _INSTALL_HINTS = {
     "detectron2": "install detectron2 from its official source (README: detectron2 and DensePose) or use backend: torchvision",
@@ -84,8 +85,16 @@ def run(job: JobConfig) -> dict[str, Any]:
 
     fs, root = output_fs(job)
     counts = report.count_rows(fs, f"{root}/{pipeline.ANNOTATIONS}", [TASK_TABLE[t].column for t in job.tasks])
+    images = counts["images"]
+    with fs.open_output_stream(f"{root}/{FAILED_LIST}") as out:
+        report.write_failed(fs, f"{root}/{pipeline.ANNOTATIONS}", out)
+    failed_fraction = images["failed"] / images["in"] if images["in"] else 0.0
+    over_budget = job.max_failed_fraction is not None and failed_fraction > job.max_failed_fraction
     summary = {
+        "status": "failure_budget_exceeded" if over_budget else "ok",
         **counts,
+        "failed_fraction": round(failed_fraction, 6),
+        "failed_list": join(job.output, FAILED_LIST),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "wall_time_s": round(wall, 3),
         "images_per_s": round(counts["images"]["in"] / wall, 3) if wall > 0 else None,

@@ -7,6 +7,7 @@ category-id leaves are read, never the masks), so run.json cannot disagree with 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from collections import Counter
 from typing import Any
 
@@ -41,6 +42,20 @@ def count_rows(fs: pyarrow.fs.FileSystem, path: str, columns: list[str]) -> dict
             for c, n in found.items()
         },
     }
+
+
+def write_failed(fs: pyarrow.fs.FileSystem, path: str, out: pyarrow.fs.OutputStream) -> int:
+    """Stream `{"image_uri", "error"}` JSON lines of the failed rows under `path` into `out`."""
+    count = 0
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)):
+        if not info.is_file or not info.path.endswith(".parquet"):
+            continue
+        with fs.open_input_file(info.path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["image_uri", "error"]):
+                for row in batch.filter(pc.is_valid(batch.column("error"))).to_pylist():
+                    out.write((json.dumps(row) + "\n").encode())
+                    count += 1
+    return count
 
 
 def versions() -> dict[str, str | None]:

@@ -128,3 +128,25 @@ def test_densepose_without_its_package_names_the_fix(tmp_path):
 def test_torchvision_backend_is_instance_only(tmp_path):
     result = cli("--input", str(tmp_path), "--output", str(tmp_path / "o"), "--tasks", "panoptic", *tv())
     assert result.returncode == 2 and "instance segmentation only" in result.stderr
+
+
+@pytest.mark.parametrize("budget, code", [("0.5", 3), ("0.7", 0)])
+def test_failure_budget_sets_the_exit_code_and_lists_the_failures(samples, tmp_path, budget, code):
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "batchseg", "run", "--input", str(samples.root / "street"), "--input",
+         str(samples.root / "bad"), "--output", str(tmp_path), "--backend", "tests.oracle:ColorKeyBackend",
+         "--max-failed-fraction", budget],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == code, result.stderr[-2000:]
+    failed = [json.loads(line) for line in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert sorted(f["image_uri"].rsplit("/", 1)[1] for f in failed) == ["bomb.png", "empty.jpg", "not_an_image.png", "truncated.jpg"]
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["failed_fraction"] == pytest.approx(4 / 6, abs=1e-6)
+    assert summary["status"] == ("failure_budget_exceeded" if code == 3 else "ok")
+    if code == 3:
+        assert "over max_failed_fraction=0.5" in result.stderr
