@@ -1,7 +1,8 @@
 """`batchseg run | export | eval | render`: annotate images, then get the results out.
 
 Exit codes: 0 success, 1 the run failed, 2 bad flag, config or input (nothing was started),
-3 the run finished but more images failed than max_failed_fraction allows.
+3 the run finished but more images failed than max_failed_fraction allows, 4 another run
+holds the output's lease.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from batchseg.config import ConfigError, JobConfig, load_config, parse_override
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_FAILURE_BUDGET = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_FAILURE_BUDGET, EXIT_LOCKED = 0, 1, 2, 3, 4
 
 # flag -> config path; model flags go to models.* (the single selected task).
 _JOB_FLAGS = {
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     run.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph, ...)")
     run.add_argument("--s3-anon", action="store_true", help="anonymous S3 access (public buckets)")
-    run.add_argument("--overwrite", action="store_true", help="replace annotations already in OUTPUT")
+    run.add_argument("--overwrite", action="store_true", help="delete earlier runs in OUTPUT and annotate everything")
+    run.add_argument("--retry-failed", action="store_true", help="annotate again images earlier runs failed on")
     run.add_argument("--max-failed-fraction", type=float, metavar="F",
                      help="exit 3 when more than this fraction of images fail (e.g. 0.05)")
     run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -109,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     for flag, path in _JOB_FLAGS.items():
         if getattr(args, flag) is not None:
             overrides.append((path, getattr(args, flag)))
-    for flag, path in (("s3_anon", ["s3", "anon"]), ("overwrite", ["overwrite"])):
+    for flag, path in (("s3_anon", ["s3", "anon"]), ("overwrite", ["overwrite"]), ("retry_failed", ["retry_failed"])):
         if getattr(args, flag):
             overrides.append((path, True))
     model_values = {f: getattr(args, f) for f in _MODEL_FLAGS if getattr(args, f) is not None}
@@ -222,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     args = _parser().parse_args(argv)
     commands = {"run": run_command, "export": export_command, "eval": eval_command, "render": render_command}
+    from batchseg.runs import OutputLocked
+
     try:
         return commands[args.command](args)
+    except OutputLocked as e:
+        print(f"batchseg: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except ConfigError as e:
         print(f"batchseg: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -110,7 +110,8 @@ class JobConfig(_Strict):
     read_rows_per_block: int = Field(16, gt=0, description="images per read/decode task")
     rows_per_file: int = Field(2000, gt=0, description="least rows per output Parquet file")
     max_image_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb limit")
-    overwrite: bool = Field(False, description="replace annotations already in the output")
+    overwrite: bool = Field(False, description="delete earlier runs in the output, annotate everything")
+    retry_failed: bool = Field(False, description="annotate again images an earlier run failed on")
     max_failed_fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="exit 3 (failure budget exceeded) when more images than this fail"
     )

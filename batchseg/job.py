@@ -9,7 +9,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from batchseg import pipeline, report
+from batchseg import pipeline, report, runs
 from batchseg.config import ConfigError, JobConfig
 from batchseg.errors import one_line
 from batchseg.predictors.base import backend_class, weights_uri
@@ -18,7 +18,7 @@ from batchseg.storage import join, output_fs, write_json
 from batchseg.weights import check_weights
 
 log = logging.getLogger(__name__)
-FAILED_LIST = "failed.jsonl"  # one {"image_uri", "error"} line per failed image
+RUNS = "runs"  # OUTPUT/runs/RUN_ID.json and RUN_ID.failed.jsonl ({"image_uri", "error"} lines)
 
 _INSTALL_HINTS = {
     "detectron2": "install detectron2 from its official source (README: detectron2 and DensePose) or use backend: torchvision",
@@ -30,7 +30,7 @@ def preflight(job: JobConfig) -> None:
     """Raise ConfigError (one line, naming the fix) for anything that would fail later.
 
     Imports each backend, resolves its model config and category table, checks that the
-    weights and inputs exist and that the output holds no earlier annotations. Touches no image.
+    weights and inputs exist. Touches no image.
     """
     for task in job.tasks:
         model = job.models[task]
@@ -60,53 +60,64 @@ def preflight(job: JobConfig) -> None:
             raise ConfigError(f"input {uri} is not reachable: {one_line(e)}") from None
         if not found:
             raise ConfigError(f"input not found: {uri}")
-    if not job.overwrite and _has_annotations(job):
-        raise ConfigError(
-            f"{join(job.output, pipeline.ANNOTATIONS)} already holds annotations; "
-            "choose a new output or pass --overwrite"
-        )
-
-
-def _has_annotations(job: JobConfig) -> bool:
-    fs, path = url_to_fs(join(job.output, pipeline.ANNOTATIONS), **job.storage_options(job.output))
-    return fs.exists(path) and bool(fs.ls(path))
 
 
 def run(job: JobConfig) -> dict[str, Any]:
-    """Run the job on the connected Ray cluster; write OUTPUT/annotations and OUTPUT/run.json.
+    """One run on the connected Ray cluster, under the output's lease.
 
-    Returns the run.json content.
+    Annotates the images no earlier run wrote at their current version (all of them with
+    overwrite) into OUTPUT/annotations/run=RUN_ID/, then writes OUTPUT/runs/RUN_ID.json (and
+    OUTPUT/run.json, the latest) and the run's failed list. Returns the run.json content.
     """
-    started = time.time()
-    where = pipeline.place(job)
-    log.info("predictors: %d..%d actor(s) on %s", where.actors, where.max_actors, where.device)
-    pipeline.write(pipeline.build(job, where), job)
-    wall = time.time() - started
+    run_id = runs.new_run_id()
+    opts = job.storage_options(job.output)
+    with runs.Lease(job.output, opts, run_id):
+        out_fs, out_root = url_to_fs(job.output.rstrip("/"), **opts)
+        if job.overwrite:
+            for name in (runs.ANNOTATIONS, RUNS, "run.json"):
+                if out_fs.exists(f"{out_root}/{name}"):
+                    out_fs.rm(f"{out_root}/{name}", recursive=True)
+        done = runs.done_keys(out_fs, f"{out_root}/{runs.ANNOTATIONS}", job.retry_failed)
+        started = time.time()
+        where = pipeline.place(job)
+        log.info("run %s: predictors %d..%d actor(s) on %s; %d images done earlier",
+                 run_id, where.actors, where.max_actors, where.device, len(done))
+        pipeline.write(pipeline.build(job, where, done), job, run_id)
+        wall = time.time() - started
+        summary = _report(job, run_id, len(done), started, wall, where)
+    return summary
 
+
+def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall: float, where) -> dict[str, Any]:
     fs, root = output_fs(job)
-    counts = report.count_rows(fs, f"{root}/{pipeline.ANNOTATIONS}", [TASK_TABLE[t].column for t in job.tasks])
+    partition = f"{root}/{runs.ANNOTATIONS}/run={run_id}"
+    counts = report.count_rows(fs, partition, [TASK_TABLE[t].column for t in job.tasks])
     images = counts["images"]
-    with fs.open_output_stream(f"{root}/{FAILED_LIST}") as out:
-        report.write_failed(fs, f"{root}/{pipeline.ANNOTATIONS}", out)
+    fs.create_dir(f"{root}/{RUNS}", recursive=True)
+    with fs.open_output_stream(f"{root}/{RUNS}/{run_id}.failed.jsonl") as out:
+        report.write_failed(fs, partition, out)
     failed_fraction = images["failed"] / images["in"] if images["in"] else 0.0
     over_budget = job.max_failed_fraction is not None and failed_fraction > job.max_failed_fraction
     summary = {
+        "run_id": run_id,
         "status": "failure_budget_exceeded" if over_budget else "ok",
         **counts,
+        "done_before": done_before,
         "failed_fraction": round(failed_fraction, 6),
-        "failed_list": join(job.output, FAILED_LIST),
+        "failed_list": join(job.output, RUNS, f"{run_id}.failed.jsonl"),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(counts["images"]["in"] / wall, 3) if wall > 0 else None,
+        "images_per_s": round(images["in"] / wall, 3) if wall > 0 else None,
         "device": where.device,
         "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor},
         "categories": {
             task: backend_class(job.models[task].backend, task).categories(job.models[task]).table()
             for task in job.tasks
         },
-        "annotations": join(job.output, pipeline.ANNOTATIONS),
+        "annotations": join(job.output, runs.ANNOTATIONS, f"run={run_id}"),
         "versions": report.versions(),
         "config": job.model_dump(mode="json"),
     }
-    write_json(join(job.output, "run.json"), summary, job.storage_options(job.output))
+    for name in (f"{RUNS}/{run_id}.json", "run.json"):
+        write_json(join(job.output, name), summary, job.storage_options(job.output))
     return summary

@@ -1,7 +1,8 @@
 """The Ray Data graph, and nothing else. Reads top to bottom like the data flow:
 
   list (fsspec) -> read bytes -> decode + orient + resize -> predict + encode (actor pool)
-  -> write Parquet
+  -> write Parquet (the run's partition)
+Images an earlier run already wrote at the same version drop out at list / read.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ray
-from ray.data import ActorPoolStrategy, Dataset, SaveMode
+import numpy as np
+from ray.data import ActorPoolStrategy, Dataset
 
 from batchseg import stages
 from batchseg.config import JobConfig
-from batchseg.storage import output_fs
+from batchseg.runs import AtomicParquetSink
 
-ANNOTATIONS = "annotations"
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ def place(job: JobConfig) -> Placement:
     return Placement(device, actors, job.max_actors or actors, job.gpus_per_actor if device == "cuda" else 0)
 
 
-def build(job: JobConfig, where: Placement) -> Dataset:
+def build(job: JobConfig, where: Placement, done: np.ndarray) -> Dataset:
+    """`done`: sorted keys of the (URI, version) pairs earlier runs wrote (runs.done_keys)."""
     models = {task: job.models[task] for task in job.tasks}
     ds = ray.data.from_items([{"root": uri} for uri in job.inputs])
-    ds = ds.flat_map(stages.list_root, fn_kwargs={"storage": job.s3})
+    ds = ds.flat_map(stages.list_root, fn_kwargs={"storage": job.s3, "done": done})
     ds = ds.repartition(target_num_rows_per_block=job.read_rows_per_block)
     ds = ds.map_batches(  # I/O bound: a quarter CPU each keeps many reads in flight
-        stages.read_batch, fn_kwargs={"storage": job.s3}, batch_size=None, num_cpus=0.25,
+        stages.read_batch, fn_kwargs={"storage": job.s3, "done": done}, batch_size=None, num_cpus=0.25,
     )
     ds = ds.map_batches(  # CPU bound; fused into the actor only when it asks for no GPU
         stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels}, batch_size=None,
@@ -62,11 +64,6 @@ def build(job: JobConfig, where: Placement) -> Dataset:
     return ds
 
 
-def write(ds: Dataset, job: JobConfig) -> None:
-    fs, root = output_fs(job)
-    ds.write_parquet(
-        f"{root}/{ANNOTATIONS}",
-        filesystem=fs,
-        min_rows_per_file=job.rows_per_file,
-        mode=SaveMode.OVERWRITE if job.overwrite else SaveMode.APPEND,  # preflight refused a non-empty output
-    )
+def write(ds: Dataset, job: JobConfig, run_id: str) -> None:
+    """Into OUTPUT/annotations/run=RUN_ID/, one atomically written file per write task."""
+    ds.write_datasink(AtomicParquetSink(job.output, job.storage_options(job.output), run_id, job.rows_per_file))

@@ -1,8 +1,9 @@
 """Read a run's output back: rows streamed from its Parquet files, and its run.json.
 
-RESULTS is a run's output folder (holding annotations/ and run.json) or its annotations/
-folder, local or any fsspec URI. Rows come one Parquet batch at a time, so memory stays
-flat whatever the number of images.
+RESULTS is an output folder (holding annotations/ and run.json) or its annotations/ folder,
+local or any fsspec URI. All runs read as one dataset with the newest row per image. Rows
+come one Parquet batch at a time; the only state kept is a sorted array of the image ids of
+newer runs (8 bytes per image).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -32,11 +34,31 @@ class Results:
         return self.run.get("categories", {})
 
     def rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[dict[str, Any]]:
-        """Every row (only `columns`, if given), file by file, batch by batch."""
+        """Every image once, with its newest row: runs are read newest first and an image
+        already seen in a newer run is skipped. Rows carry `image_id` plus `columns` (or all)."""
+        columns = None if columns is None else list(dict.fromkeys(["image_id", *columns]))
+        seen = np.zeros(0, np.int64)  # sorted ids of newer runs: 8 bytes per image
+        for files in self._runs_newest_first():
+            this_run = []
+            for path in files:
+                with self.fs.open(path, "rb") as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
+                        ids = batch.column("image_id").to_numpy()
+                        fresh = ~np.isin(ids, seen, assume_unique=False)
+                        this_run.append(ids)
+                        for row, keep in zip(batch.to_pylist(), fresh):
+                            if keep:
+                                yield row
+            if this_run:
+                seen = np.union1d(seen, np.concatenate(this_run))
+
+    def _runs_newest_first(self) -> list[list[str]]:
+        """Files grouped by their run=RUN_ID partition (run ids sort by time), newest first."""
+        groups: dict[str, list[str]] = {}
         for path in self.files:
-            with self.fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
-                    yield from batch.to_pylist()
+            run = next((part[4:] for part in path.split("/") if part.startswith("run=")), "")
+            groups.setdefault(run, []).append(path)
+        return [groups[run] for run in sorted(groups, reverse=True)]
 
 
 def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Results:

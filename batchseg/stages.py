@@ -22,6 +22,7 @@ from batchseg import sources
 from batchseg.config import JobConfig, ModelConfig, StorageConfig
 from batchseg.errors import one_line
 from batchseg.imaging import DecodeError, decode_rgb
+from batchseg.runs import is_done
 from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, preprocess_plan, weights_uri
 from batchseg.schema import ROW, image_id
 from batchseg.tasks import TASK_TABLE, allowed_ids
@@ -31,13 +32,17 @@ log = logging.getLogger(__name__)
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
 
 
-def list_root(row: dict[str, Any], storage: StorageConfig) -> Iterator[dict[str, Any]]:
-    """{"root": uri} -> one row per image file or tar shard under it."""
-    yield from sources.list_sources(row["root"], storage.options(row["root"]))
+def list_root(row: dict[str, Any], storage: StorageConfig, done: np.ndarray) -> Iterator[dict[str, Any]]:
+    """{"root": uri} -> one row per image file or tar shard under it, less the image files an
+    earlier run already wrote at this version (`done`: runs.done_keys)."""
+    for entry in sources.list_sources(row["root"], storage.options(row["root"])):
+        if entry["is_shard"] or not is_done(done, entry["uri"], entry["version"]):
+            yield entry
 
 
-def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig) -> dict[str, np.ndarray]:
-    """Read each file's bytes; expand each tar shard into one row per image member."""
+def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: np.ndarray) -> dict[str, np.ndarray]:
+    """Read each file's bytes; expand each tar shard into one row per image member (less the
+    members an earlier run already wrote: a shard can be cut short by a crash)."""
     out: dict[str, list[Any]] = {"uri": [], "size": [], "version": [], "data": [], "error": []}
 
     def emit(uri: str, size: int, version: str, data: bytes, error: str | None) -> None:
@@ -48,7 +53,8 @@ def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig) -> dict[str
         try:
             if is_shard:
                 for member_uri, member_size, data in sources.iter_shard(uri, storage.options(uri)):
-                    emit(member_uri, member_size, version, data, None)
+                    if not is_done(done, member_uri, version):
+                        emit(member_uri, member_size, version, data, None)
             else:
                 emit(uri, size, version, sources.read_bytes(uri, storage.options(uri)), None)
         except Exception as e:  # the shard/file becomes an error row; members read so far stay

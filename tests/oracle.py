@@ -99,3 +99,17 @@ class DiesOnceBackend(ColorKeyBackend):
     def __init__(self, cfg: ModelConfig, weights: str | None, device: str, precision: str) -> None:
         super().__init__(cfg, weights, device, precision)
         self.marker = cfg.options["marker"]
+
+
+class SlowBackend(ColorKeyBackend):
+    """The oracle at options["seconds"] per image, so a run lasts long enough to interrupt."""
+
+    def predict(self, images: list[ModelInput]) -> list[Detections]:
+        import time
+
+        time.sleep(self.seconds * len(images))
+        return super().predict(images)
+
+    def __init__(self, cfg: ModelConfig, weights: str | None, device: str, precision: str) -> None:
+        super().__init__(cfg, weights, device, precision)
+        self.seconds = float(cfg.options.get("seconds", 0.5))

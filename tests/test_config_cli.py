@@ -53,11 +53,13 @@ def test_detectron2_missing_or_weights_unreachable_names_the_fix(tmp_path):
     ), result.stderr
 
 
-def test_refuses_output_with_annotations(tmp_path):
-    (tmp_path / "out/annotations").mkdir(parents=True)
-    (tmp_path / "out/annotations/part.parquet").write_bytes(b"x")
+def test_unreadable_file_from_an_earlier_run_is_named(tmp_path):
+    (tmp_path / "out/annotations/run=x").mkdir(parents=True)
+    (tmp_path / "out/annotations/run=x/part.parquet").write_bytes(b"x")
     result = cli("--input", str(tmp_path), "--output", str(tmp_path / "out"), *tv())
-    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert "part.parquet from an earlier run" in line and "--overwrite" in line
 
 
 def test_dry_run_prints_resolved_config(tmp_path):
@@ -143,9 +145,11 @@ def test_failure_budget_sets_the_exit_code_and_lists_the_failures(samples, tmp_p
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == code, result.stderr[-2000:]
-    failed = [json.loads(line) for line in (tmp_path / "failed.jsonl").read_text().splitlines()]
-    assert sorted(f["image_uri"].rsplit("/", 1)[1] for f in failed) == ["bomb.png", "empty.jpg", "not_an_image.png", "truncated.jpg"]
     summary = json.loads((tmp_path / "run.json").read_text())
+    failed_list = tmp_path / "runs" / f"{summary['run_id']}.failed.jsonl"
+    assert summary["failed_list"] == str(failed_list)
+    failed = [json.loads(line) for line in failed_list.read_text().splitlines()]
+    assert sorted(f["image_uri"].rsplit("/", 1)[1] for f in failed) == ["bomb.png", "empty.jpg", "not_an_image.png", "truncated.jpg"]
     assert summary["failed_fraction"] == pytest.approx(4 / 6, abs=1e-6)
     assert summary["status"] == ("failure_budget_exceeded" if code == 3 else "ok")
     if code == 3:

@@ -24,7 +24,7 @@ def _containers(pod_template):
 
 
 def _check_rayjob_spec(spec):
-    args = shlex.split(spec["entrypoint"].split(" --input")[0])  # the rest holds shell substitutions
+    args = shlex.split(spec["entrypoint"])
     assert args[:2] == ["python", "/app/jobs/annotate.py"]
     assert (REPO / args[1].removeprefix("/app/")).is_file()
     config = args[args.index("--config") + 1]
@@ -52,7 +52,8 @@ def test_raycronjob_wraps_the_same_rayjob_on_a_schedule():
     assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
     assert CRON.match(cron["spec"]["schedule"]) and "--feature-gates=RayCronJob=true" in text
     _check_rayjob_spec(cron["spec"]["jobTemplate"])
-    assert "$(date -u +%Y-%m-%d)" in cron["spec"]["jobTemplate"]["entrypoint"]  # a new output per night
+    # one fixed output: each night is an incremental run over it
+    assert cron["spec"]["jobTemplate"]["entrypoint"].endswith("--output s3://my-lake/prelabels/")
 
 
 def test_cronjob_for_older_operators_creates_rayjobs_with_rbac():
@@ -67,6 +68,7 @@ def test_cronjob_for_older_operators_creates_rayjobs_with_rbac():
     assert pod["containers"][0]["command"][:3] == ["kubectl", "create", "-f"]
     rayjob = yaml.safe_load(docs["ConfigMap"]["data"]["rayjob.yaml"])
     assert rayjob["metadata"]["generateName"].endswith("-") and rayjob["kind"] == "RayJob"
+    assert rayjob["spec"]["entrypoint"].endswith("--output s3://my-lake/prelabels/")  # incremental
     _check_rayjob_spec(rayjob["spec"])
 
 

@@ -59,7 +59,7 @@ def test_segm_and_bbox_ap_are_exactly_one(oracle_run, samples, capsys):
 
 def test_rows_follow_the_contract(oracle_run, samples):
     out, _, rows = oracle_run
-    for f in (out / "annotations").glob("*.parquet"):
+    for f in (out / "annotations").rglob("*.parquet"):
         assert pq.read_schema(f).remove_metadata() == ROW
     by_name = {relative_name(r["image_uri"], samples.root): r for r in rows}
     for r in rows:
