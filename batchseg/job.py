@@ -82,13 +82,15 @@ def run(job: JobConfig) -> dict[str, Any]:
         where = pipeline.place(job)
         log.info("run %s: predictors %d..%d actor(s) on %s; %d images done earlier",
                  run_id, where.actors, where.max_actors, where.device, len(done))
-        pipeline.write(pipeline.build(job, where, done), job, run_id)
+        dataset = pipeline.build(job, where, done)
+        pipeline.write(dataset, job, run_id)
         wall = time.time() - started
-        summary = _report(job, run_id, len(done), started, wall, where)
+        summary = _report(job, run_id, len(done), started, wall, where, dataset.stats())
     return summary
 
 
-def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall: float, where) -> dict[str, Any]:
+def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall: float, where,
+            stats_text: str) -> dict[str, Any]:
     fs, root = output_fs(job)
     partition = f"{root}/{runs.ANNOTATIONS}/run={run_id}"
     counts = report.count_rows(fs, partition, [TASK_TABLE[t].column for t in job.tasks])
@@ -96,6 +98,8 @@ def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall:
     fs.create_dir(f"{root}/{RUNS}", recursive=True)
     with fs.open_output_stream(f"{root}/{RUNS}/{run_id}.failed.jsonl") as out:
         report.write_failed(fs, partition, out)
+    with fs.open_output_stream(f"{root}/{RUNS}/{run_id}.stats.txt") as out:
+        out.write(stats_text.encode())
     failed_fraction = images["failed"] / images["in"] if images["in"] else 0.0
     over_budget = job.max_failed_fraction is not None and failed_fraction > job.max_failed_fraction
     summary = {
@@ -107,6 +111,7 @@ def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall:
         "failed_list": join(job.output, RUNS, f"{run_id}.failed.jsonl"),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "wall_time_s": round(wall, 3),
+        "stages": report.stages(stats_text),  # Ray Data's per-operator figures; full text in RUN_ID.stats.txt
         "images_per_s": round(images["in"] / wall, 3) if wall > 0 else None,
         "device": where.device,
         "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor},

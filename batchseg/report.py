@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -56,6 +57,17 @@ def write_failed(fs: pyarrow.fs.FileSystem, path: str, out: pyarrow.fs.OutputStr
                     out.write((json.dumps(row) + "\n").encode())
                     count += 1
     return count
+
+
+_STAGE = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed, (?P<blocks>\d+) blocks produced in (?P<wall>[\d.]+)s", re.M)
+
+
+def stages(stats_text: str) -> list[dict[str, Any]]:
+    """Ray Data's per-operator summary (Dataset.stats()) as [{"stage", "tasks", "blocks", "wall_s"}]."""
+    return [
+        {"stage": m["name"], "tasks": int(m["tasks"]), "blocks": int(m["blocks"]), "wall_s": float(m["wall"])}
+        for m in _STAGE.finditer(stats_text)
+    ]
 
 
 def versions() -> dict[str, str | None]:

@@ -95,6 +95,10 @@ def test_run_json(oracle_run):
     ]
     assert written["versions"]["ray"] and written["versions"]["torch"] and "detectron2" in written["versions"]
     assert written["config"]["batch_size"] == 3 and written["wall_time_s"] > 0 and written["images_per_s"] > 0
+    names = [s["stage"] for s in written["stages"]]
+    assert any("read_batch" in n for n in names) and any("Annotate" in n for n in names)
+    assert all(s["wall_s"] >= 0 and s["tasks"] > 0 for s in written["stages"])
+    assert (out / "runs" / f"{written['run_id']}.stats.txt").read_text().startswith("Operator")
 
 
 def test_tar_shard_that_is_corrupt_becomes_an_error_row(ray_cluster, tmp_path):

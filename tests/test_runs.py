@@ -93,6 +93,12 @@ def test_incremental_runs_annotate_only_new_or_changed_images(samples, tmp_path)
                                    "park/scene_d.tiff", "park/nested/scene_e.webp"])
     assert (rows["park/scene_c.bmp"]["width"], rows["park/scene_c.bmp"]["height"]) == (50, 20)  # newest row
     assert [i["category_id"] for i in rows["park/scene_c.bmp"]["instances"]] == [18]
+    from batchseg.exports.coco import export_coco
+
+    export_coco(results, str(tmp_path / "coco"))  # exports read all runs as one, newest rows
+    coco = json.loads((tmp_path / "coco/instances.json").read_text())
+    assert len(coco["images"]) == 6
+    assert {(i["width"], i["height"]) for i in coco["images"] if i["file_name"] == "park/scene_c.bmp"} == {(50, 20)}
     runs = sorted(p.name for p in (out / "annotations").iterdir())
     assert len(runs) == 2 and all(r.startswith("run=") for r in runs)  # the empty run wrote nothing
     assert len(list((out / "runs").glob("*.json"))) == 3
