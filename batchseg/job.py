@@ -13,6 +13,7 @@ from batchseg import pipeline, report, runs
 from batchseg.config import ConfigError, JobConfig
 from batchseg.errors import one_line
 from batchseg.predictors.base import backend_class, weights_uri
+from batchseg.schema import ANNOTATIONS
 from batchseg.tasks import TASK_TABLE, allowed_ids
 from batchseg.storage import join, output_fs, write_json
 from batchseg.weights import check_weights
@@ -74,10 +75,10 @@ def run(job: JobConfig) -> dict[str, Any]:
     with runs.Lease(job.output, opts, run_id):
         out_fs, out_root = url_to_fs(job.output.rstrip("/"), **opts)
         if job.overwrite:
-            for name in (runs.ANNOTATIONS, RUNS, "run.json"):
+            for name in (ANNOTATIONS, RUNS, "run.json"):
                 if out_fs.exists(f"{out_root}/{name}"):
                     out_fs.rm(f"{out_root}/{name}", recursive=True)
-        done = runs.done_keys(out_fs, f"{out_root}/{runs.ANNOTATIONS}", job.retry_failed)
+        done = runs.done_keys(out_fs, f"{out_root}/{ANNOTATIONS}", job.retry_failed)
         started = time.time()
         where = pipeline.place(job)
         log.info("run %s: predictors %d..%d actor(s) on %s; %d images done earlier",
@@ -92,7 +93,7 @@ def run(job: JobConfig) -> dict[str, Any]:
 def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall: float, where,
             stats_text: str) -> dict[str, Any]:
     fs, root = output_fs(job)
-    partition = f"{root}/{runs.ANNOTATIONS}/run={run_id}"
+    partition = f"{root}/{ANNOTATIONS}/run={run_id}"
     counts = report.count_rows(fs, partition, [TASK_TABLE[t].column for t in job.tasks])
     images = counts["images"]
     fs.create_dir(f"{root}/{RUNS}", recursive=True)
@@ -119,7 +120,7 @@ def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall:
             task: backend_class(job.models[task].backend, task).categories(job.models[task]).table()
             for task in job.tasks
         },
-        "annotations": join(job.output, runs.ANNOTATIONS, f"run={run_id}"),
+        "annotations": join(job.output, ANNOTATIONS, f"run={run_id}"),
         "versions": report.versions(),
         "config": job.model_dump(mode="json"),
     }

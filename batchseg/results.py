@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from batchseg.config import ConfigError
+from batchseg.schema import ANNOTATIONS
 
-ANNOTATIONS = "annotations"
 
 
 @dataclass

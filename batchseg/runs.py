@@ -29,9 +29,8 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 
 from batchseg.config import ConfigError
-from batchseg.schema import ROW
+from batchseg.schema import ANNOTATIONS, ROW
 
-ANNOTATIONS = "annotations"
 LEASE = "_lease.json"
 PARTIAL = ".inprogress"  # suffix of a file still being written; readers skip it
 LEASE_TTL_S = 300  # a lease whose heartbeat is older than this is abandoned

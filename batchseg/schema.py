@@ -12,6 +12,8 @@ import hashlib
 
 import pyarrow as pa
 
+ANNOTATIONS = "annotations"  # OUTPUT/annotations/run=RUN_ID/*.parquet
+
 SEGMENTATION = pa.struct([
     pa.field("size", pa.list_(pa.int32()), nullable=False),  # [height, width]
     pa.field("counts", pa.string(), nullable=False),  # COCO compressed RLE, column-major
