@@ -24,6 +24,7 @@ from PIL import Image
 from batchseg.config import ConfigError
 from batchseg.encoding import decode_panoptic
 from batchseg.results import Results
+from batchseg.sources import image_path
 
 COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 KEYPOINT_STATS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
@@ -38,9 +39,7 @@ def match_images(rows: list[dict[str, Any]], gt_images: list[dict[str, Any]]) ->
         if row["image_id"] in by_id:
             matched[row["image_id"]] = row["image_id"]
             continue
-        path = row["image_uri"].split("::")[0] if not row["image_uri"].startswith("tar://") else (
-            row["image_uri"].split("::", 1)[1] + "/" + row["image_uri"][len("tar://"):].split("::", 1)[0])
-        parts = path.split("://", 1)[-1].split("/")
+        parts = image_path(row["image_uri"]).split("://", 1)[-1].split("/")
         for i in range(len(parts)):
             name = "/".join(parts[i:])
             if name in by_name:

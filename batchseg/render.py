@@ -22,8 +22,10 @@ from batchseg.config import StorageConfig
 from batchseg.encoding import decode_iuv, decode_mask
 from batchseg.imaging import decode_rgb
 from batchseg.results import Results
+from batchseg.sources import split_member
+from batchseg.tasks import TASK_TABLE
 
-COLUMNS = ["instances", "panoptic", "keypoints", "densepose"]
+COLUMNS = [task.column for task in TASK_TABLE.values()]
 
 
 def color(key: int) -> tuple[int, int, int]:
@@ -68,8 +70,9 @@ def render(results: Results, dest: str, limit: int = 100, storage: StorageConfig
 
 
 def _load(uri: str, storage: StorageConfig) -> np.ndarray:
-    if uri.startswith("tar://"):  # chained URL: options go to the outer protocol
-        shard = uri.split("::", 1)[1]
+    parts = split_member(uri)
+    if parts:  # chained URL: the options go to the outer protocol
+        shard = parts[0]
         opts = {shard.split("://", 1)[0]: storage.options(shard)} if "://" in shard else {}
     else:
         opts = storage.options(uri)

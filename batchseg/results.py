@@ -61,11 +61,16 @@ class Results:
         return [groups[run] for run in sorted(groups, reverse=True)]
 
 
+def parquet_files(fs, folder: str) -> list[str]:
+    """Finished Parquet files under `folder`, sorted (files still being written end otherwise)."""
+    return sorted(p for p in (fs.find(folder) if fs.isdir(folder) else []) if p.endswith(".parquet"))
+
+
 def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Results:
     """Raise ConfigError (one line) when `uri` holds no batchseg dataset."""
     fs, path = url_to_fs(uri.rstrip("/"), **(storage_options or {}))
     for folder in (f"{path}/{ANNOTATIONS}", path):
-        files = sorted(p for p in (fs.find(folder) if fs.isdir(folder) else []) if p.endswith(".parquet"))
+        files = parquet_files(fs, folder)
         if files:
             break
     else:

@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 
 from batchseg.config import ConfigError
+from batchseg.results import parquet_files
 from batchseg.schema import ANNOTATIONS, ROW
 
 LEASE = "_lease.json"
@@ -55,7 +56,7 @@ def done_keys(fs, annotations: str, retry_failed: bool) -> np.ndarray:
     """Sorted keys of every (URI, version) already written under `annotations` (error rows too,
     unless retry_failed: a broken file is recorded once, not retried forever)."""
     keys = []
-    for path in committed_files(fs, annotations):
+    for path in parquet_files(fs, annotations):
         try:
             with fs.open(path, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(columns=["image_uri", "source_version", "error"]):
@@ -68,13 +69,6 @@ def done_keys(fs, annotations: str, retry_failed: bool) -> np.ndarray:
                 "remove it, or start over with --overwrite"
             ) from None
     return np.unique(np.asarray(keys, dtype=np.int64))
-
-
-def committed_files(fs, annotations: str) -> list[str]:
-    """Finished Parquet files under `annotations`, sorted (in-progress files are not listed)."""
-    if not fs.exists(annotations):
-        return []
-    return sorted(p for p in fs.find(annotations) if p.endswith(".parquet"))
 
 
 def is_done(keys: np.ndarray, uri: str, version: str) -> bool:

@@ -79,4 +79,23 @@ def iter_shard(uri: str, storage_options: dict[str, Any]) -> Iterator[tuple[str,
                 continue
             data = tar.extractfile(member)
             payload = data.read() if data is not None else b""
-            yield f"tar://{member.name}::{uri}", member.size, payload
+            yield member_uri(uri, member.name), member.size, payload
+
+
+def member_uri(shard: str, member: str) -> str:
+    """fsspec's chained URL of a tar member: `tar://MEMBER::SHARD_URI`."""
+    return f"tar://{member}::{shard}"
+
+
+def split_member(uri: str) -> tuple[str, str] | None:
+    """`tar://MEMBER::SHARD_URI` -> (SHARD_URI, MEMBER); None for any other URI."""
+    if not uri.startswith("tar://"):
+        return None
+    member, shard = uri[len("tar://"):].split("::", 1)
+    return shard, member
+
+
+def image_path(uri: str) -> str:
+    """The path an image is known by: SHARD_URI/MEMBER for a tar member, else the URI itself."""
+    parts = split_member(uri)
+    return f"{parts[0]}/{parts[1]}" if parts else uri

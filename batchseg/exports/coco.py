@@ -22,6 +22,8 @@ from PIL import Image
 
 from batchseg.encoding import decode_iuv, decode_panoptic
 from batchseg.results import Results
+from batchseg.sources import split_member
+from batchseg.tasks import TASK_TABLE
 
 COLUMN_FILES = {  # task column -> the files it produces
     "instances": ["instances.json", "instances_results.json"],
@@ -34,18 +36,17 @@ COLUMN_FILES = {  # task column -> the files it produces
 def columns_present(results: Results) -> list[str]:
     """Task columns the run filled (from run.json, else from non-null data in the first file)."""
     tasks = results.run.get("config", {}).get("tasks")
-    names = {"instance": "instances", "panoptic": "panoptic", "keypoint": "keypoints", "densepose": "densepose"}
     if tasks:
-        return [names[t] for t in tasks]
+        return [TASK_TABLE[t].column for t in tasks]
     first = next(results.rows(list(COLUMN_FILES)), {})
     return [c for c in COLUMN_FILES if first.get(c) is not None]
 
 
 def file_name(uri: str, roots: list[str]) -> str:
     """An image's name relative to the run's input roots (tar members as SHARD/member)."""
-    if uri.startswith("tar://"):
-        member, shard = uri[len("tar://"):].split("::", 1)
-        return f"{file_name(shard, roots)}/{member}"
+    parts = split_member(uri)
+    if parts:
+        return f"{file_name(parts[0], roots)}/{parts[1]}"
     for root in sorted(roots, key=len, reverse=True):
         prefix = root.rstrip("/") + "/"
         if uri.startswith(prefix):
