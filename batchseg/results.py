@@ -1,25 +1,61 @@
-"""Read a run's output back: rows streamed from its Parquet files, and its run.json.
+"""Read a run's output back: rows streamed from its Parquet files, and each run's report.
 
-RESULTS is an output folder (holding annotations/ and run.json) or its annotations/ folder,
-local or any fsspec URI. All runs read as one dataset with the newest row per image. Rows
-come one Parquet batch at a time; the only state kept is a sorted array of the image ids of
-newer runs (8 bytes per image).
+RESULTS is an output folder (holding annotations/ and runs/) or its annotations/ folder,
+local or any fsspec URI. All runs read as one dataset with the newest row per image: runs are
+read newest first and an image already seen is skipped, so duplicates within a run go too.
+Rows come one Parquet batch at a time; the only state kept is the set of image ids seen so
+far (8 bytes per image, in sorted levels: see SeenIds). Files that cannot be read as Parquet
+(left torn by an older version, or being written by another tool) are skipped with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from batchseg.config import ConfigError
-from batchseg.schema import ANNOTATIONS
+from batchseg.schema import ANNOTATIONS, RUNS
 
+log = logging.getLogger(__name__)
+READ_BLOCK = 8 * 2**20  # bytes per ranged read: enough for a row group's columns, not a whole file
+
+
+class SeenIds:
+    """A growing set of int64 ids, kept as sorted arrays ("levels") merged like a binary counter.
+
+    `add` costs O(n log n) over all ids added, `contains` O(levels x log n) per id with
+    levels <= log2(n): flat per row however many ids newer runs hold (np.isin re-sorted the
+    whole set on every call).
+    """
+
+    def __init__(self) -> None:
+        self.levels: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(level) for level in self.levels)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 -> (n,) bool."""
+        found = np.zeros(len(ids), bool)
+        for level in self.levels:
+            at = np.searchsorted(level, ids)
+            found |= level[np.minimum(at, len(level) - 1)] == ids
+        return found
+
+    def add(self, ids: np.ndarray) -> None:
+        new = np.unique(ids)
+        while self.levels and len(self.levels[-1]) <= len(new):
+            new = np.union1d(self.levels.pop(), new)
+        if len(new):
+            self.levels.append(new)
 
 
 @dataclass
@@ -27,38 +63,60 @@ class Results:
     uri: str  # the annotations folder
     fs: Any  # fsspec filesystem
     files: list[str]  # Parquet files, sorted
-    run: dict[str, Any]  # run.json ({} if absent)
+    run: dict[str, Any]  # the latest run's report (run.json; {} if absent)
+    root: str = ""  # the output folder inside `fs` (holds runs/)
+    _run_info: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def categories(self) -> dict[str, Any]:
         return self.run.get("categories", {})
 
     def rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[dict[str, Any]]:
-        """Every image once, with its newest row: runs are read newest first and an image
-        already seen in a newer run is skipped. Rows carry `image_id` plus `columns` (or all)."""
+        """Every image once, with its newest row: `image_id`, `run` (the run id) and `columns`
+        (or all columns)."""
         columns = None if columns is None else list(dict.fromkeys(["image_id", *columns]))
-        seen = np.zeros(0, np.int64)  # sorted ids of newer runs: 8 bytes per image
-        for files in self._runs_newest_first():
-            this_run = []
+        seen = SeenIds()
+        for run, files in self._runs_newest_first():
             for path in files:
-                with self.fs.open(path, "rb") as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
-                        ids = batch.column("image_id").to_numpy()
-                        fresh = ~np.isin(ids, seen, assume_unique=False)
-                        this_run.append(ids)
-                        for row, keep in zip(batch.to_pylist(), fresh):
-                            if keep:
-                                yield row
-            if this_run:
-                seen = np.union1d(seen, np.concatenate(this_run))
+                for batch in self._batches(path, columns, batch_size):
+                    ids = batch.column("image_id").to_numpy()
+                    first = np.zeros(len(ids), bool)  # an id twice in one batch: keep the first
+                    first[np.unique(ids, return_index=True)[1]] = True
+                    keep = first & ~seen.contains(ids)
+                    seen.add(ids[keep])
+                    for row, wanted in zip(batch.to_pylist(), keep):
+                        if wanted:
+                            row["run"] = run
+                            yield row
 
-    def _runs_newest_first(self) -> list[list[str]]:
-        """Files grouped by their run=RUN_ID partition (run ids sort by time), newest first."""
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        """That run's report, OUTPUT/runs/RUN_ID.json ({} if absent): config, provenance, counts."""
+        if run_id not in self._run_info:
+            path = f"{self.root}/{RUNS}/{run_id}.json"
+            self._run_info[run_id] = json.loads(self.fs.cat(path)) if run_id and self.fs.exists(path) else {}
+        return self._run_info[run_id]
+
+    def _batches(self, path: str, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+        try:
+            f = self.fs.open(path, "rb", block_size=READ_BLOCK)
+            reader = pq.ParquetFile(f)
+        except (OSError, pa.ArrowException) as e:
+            log.warning("skipping %s: not a readable Parquet file (%s)", self.fs.unstrip_protocol(path), e)
+            return
+        with f:
+            yield from reader.iter_batches(batch_size=batch_size, columns=columns)
+
+    def _runs_newest_first(self) -> list[tuple[str, list[str]]]:
+        """(run id, its files), grouped by the run=RUN_ID partition (run ids sort by time)."""
         groups: dict[str, list[str]] = {}
         for path in self.files:
-            run = next((part[4:] for part in path.split("/") if part.startswith("run=")), "")
-            groups.setdefault(run, []).append(path)
-        return [groups[run] for run in sorted(groups, reverse=True)]
+            groups.setdefault(run_of(path), []).append(path)
+        return [(run, groups[run]) for run in sorted(groups, reverse=True)]
+
+
+def run_of(path: str) -> str:
+    """The run id of a file under annotations/run=RUN_ID/ ("" outside a run partition)."""
+    return next((part[4:] for part in path.split("/") if part.startswith("run=")), "")
 
 
 def parquet_files(fs, folder: str) -> list[str]:
@@ -75,6 +133,7 @@ def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Res
             break
     else:
         raise ConfigError(f"no batchseg dataset at {uri}: expected Parquet files in {uri}/{ANNOTATIONS}/")
-    run_json = f"{folder.rsplit('/', 1)[0]}/run.json" if folder.endswith(f"/{ANNOTATIONS}") else f"{path}/run.json"
+    root = folder.rsplit("/", 1)[0] if folder.endswith(f"/{ANNOTATIONS}") else path
+    run_json = f"{root}/run.json"
     run = json.loads(fs.cat(run_json)) if fs.exists(run_json) else {}
-    return Results(uri=fs.unstrip_protocol(folder), fs=fs, files=files, run=run)
+    return Results(uri=fs.unstrip_protocol(folder), fs=fs, files=files, run=run, root=root)

@@ -12,7 +12,10 @@ import hashlib
 
 import pyarrow as pa
 
-ANNOTATIONS = "annotations"  # OUTPUT/annotations/run=RUN_ID/*.parquet
+ANNOTATIONS = "annotations"  # OUTPUT/annotations/run=RUN_ID/part-*.parquet: the rows
+RUNS = "runs"  # OUTPUT/runs/RUN_ID.json: each run's report (OUTPUT/run.json: the latest)
+LEDGER = "_ledger"  # OUTPUT/_ledger/: compact keys of what is done (batchseg.ledger)
+ERROR_KINDS = ("content", "model", "transient")  # see docs/schema.md, "error_kind"
 
 SEGMENTATION = pa.struct([
     pa.field("size", pa.list_(pa.int32()), nullable=False),  # [height, width]
@@ -65,6 +68,8 @@ ROW = pa.schema([
     pa.field("source_size", pa.int64()),  # bytes of the image file (or tar member)
     pa.field("source_version", pa.string()),  # ETag or mtime of the listed object
     pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),  # null on success, else one of ERROR_KINDS
+    pa.field("review_priority", pa.float64()),  # 0..1, higher = look first; null on error rows
     pa.field("instances", _list_of(INSTANCE)),
     pa.field("panoptic", _list_of(PANOPTIC_SEGMENT)),
     pa.field("keypoints", _list_of(KEYPOINT_PERSON)),
