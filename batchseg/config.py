@@ -68,6 +68,7 @@ class ModelConfig(_Strict):
     backend: str
     model: str | None = None
     weights: str | None = None
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="pin the weights' content")
     random_init: bool = False
     label_map: str | dict[int, Any] | None = None
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
@@ -115,6 +116,7 @@ class JobConfig(_Strict):
     max_failed_fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="exit 3 (failure budget exceeded) when more images than this fail"
     )
+    allow_http_weights: bool = Field(False, description="allow weights over plain http:// without weights_sha256")
     s3: StorageConfig = Field(default_factory=StorageConfig)
     ray_address: str | None = None
 

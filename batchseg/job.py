@@ -16,7 +16,7 @@ from batchseg.predictors.base import backend_class, weights_uri
 from batchseg.schema import ANNOTATIONS
 from batchseg.tasks import TASK_TABLE, allowed_ids
 from batchseg.storage import join, output_fs, write_json
-from batchseg.weights import check_weights
+from batchseg.weights import WeightsError, resolve
 
 log = logging.getLogger(__name__)
 RUNS = "runs"  # OUTPUT/runs/RUN_ID.json and RUN_ID.failed.jsonl ({"image_uri", "error"} lines)
@@ -50,9 +50,9 @@ def preflight(job: JobConfig) -> None:
             raise ConfigError(f"{where}: {one_line(e)}") from None
         if weights:
             try:
-                check_weights(weights, job.storage_options(weights))
-            except FileNotFoundError as e:
-                raise ConfigError(f"{where}.weights: {e}; set weights to a reachable path or URL") from None
+                resolve(weights, job.storage_options(weights), model.weights_sha256, job.allow_http_weights)
+            except WeightsError as e:
+                raise ConfigError(f"{where}.weights: {e}") from None
     for uri in job.inputs:
         try:
             fs, path = url_to_fs(uri, **job.storage_options(uri))

@@ -26,7 +26,7 @@ from batchseg.runs import is_done
 from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, preprocess_plan, weights_uri
 from batchseg.schema import ROW, image_id
 from batchseg.tasks import TASK_TABLE, allowed_ids
-from batchseg.weights import local_weights
+from batchseg.weights import fetch, resolve
 
 log = logging.getLogger(__name__)
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
@@ -106,7 +106,7 @@ class Annotate:
         for task, cfg in self.models.items():
             backend = backend_class(cfg.backend, task)
             uri = weights_uri(cfg, backend)
-            local = local_weights(uri, job.storage_options(uri)) if uri else None
+            local = fetch(resolve(uri, job.storage_options(uri), cfg.weights_sha256, job.allow_http_weights), job.storage_options(uri)) if uri else None
             self.backends[task] = backend(cfg, local, device, job.precision)
             self.allowed[task] = allowed_ids(task, cfg, backend)
             log.info("loaded %s model %s on %s", task, cfg.model, device)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from batchseg.weights import cache_dir, local_weights
+from batchseg.weights import cache_dir, download_once
 
 PINNED_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
 _RAW = f"https://raw.githubusercontent.com/facebookresearch/detectron2/{PINNED_COMMIT}/projects/DensePose/configs/"
@@ -62,7 +62,7 @@ def _download(rel: str) -> str:
     """Fetch RAW/rel and, recursively, its _BASE_ into one cache folder; return the local path."""
     target = cache_dir().parent / "densepose-configs" / PINNED_COMMIT / rel
     if not target.is_file():
-        fetched = local_weights(_RAW + rel, {})  # cached, locked, atomic
+        fetched = download_once(_RAW + rel, {})  # cached, locked, atomic
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(fetched, target)
     base = (yaml.safe_load(target.read_text()) or {}).get("_BASE_")
