@@ -96,7 +96,7 @@ def classify(uri: str, storage_options: dict[str, Any]) -> Input:
 
 def canonical_uri(uri: str) -> str:
     """`uri` as fsspec names it (protocol added, local paths absolute), without I/O."""
-    protocol, path = split_protocol(uri)
+    protocol, _ = split_protocol(uri)
     try:
         cls = fsspec.get_filesystem_class(protocol or "file")
     except (ImportError, ValueError):  # a protocol whose package is absent: leave it be
