@@ -1,23 +1,147 @@
-"""`batchseg run | export | eval | render`: annotate images, then get the results out.
+"""`batchseg run | export FORMAT | eval | render`: annotate images, then get the results out.
 
-Exit codes: 0 success, 1 the run failed, 2 bad flag, config or input (nothing was started),
-3 the run finished but more images failed than max_failed_fraction allows, 4 another run
-holds the output's lease.
+Every command checks its flags and inputs before it starts work; a problem the user can fix
+ends with exit code 2 and one line on stderr that names the fix.
+
+Adding a command: write `add_NAME(commands)` that builds its parser with `_command(...)` and
+sets `handler=` to a function `(args) -> exit code`, then list it in COMMANDS. An export
+format is the same with `_export_format(...)`, listed in EXPORT_FORMATS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import logging
 import os
 import sys
+import textwrap
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from batchseg.config import ConfigError, JobConfig, load_config, parse_override
+from batchseg.config import ConfigError, JobConfig, ModelConfig, StorageConfig, load_config, parse_override
+from batchseg.errors import user_error
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_FAILURE_BUDGET, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_FAILURE_BUDGET, EXIT_LOCKED = 0, 1, 2, 3, 4
+
+EXIT_CODES = """exit codes:
+  0  done
+  1  failed while working (the traceback says where)
+  2  bad flag, config or input: one line on stderr names the fix; nothing was started
+"""
+RUN_EXIT_CODES = EXIT_CODES + """\
+  3  the run finished, but more images failed than max_failed_fraction allows
+     (OUTPUT/runs/RUN_ID.failed.jsonl lists them)
+  4  another run is writing to the same output (it holds OUTPUT/_lease.json)
+"""
+
+RESULTS_HELP = "a run's output folder (or its annotations/ folder), local or s3://"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; "(default: X)" after options that have one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or "%(default)" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short usage line on errors and "did you mean" for a mistyped flag.
+
+    Leaf commands reject unknown arguments themselves, so the error names the command the
+    user typed (`batchseg run: error: ...`), not the top-level program.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not self._subcommands():
+            self.error(self._unrecognized(extras))
+        return namespace, extras
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"usage: {self._short_usage()}\n{self.prog}: error: {message}\n")
+
+    def _subcommands(self) -> argparse._SubParsersAction | None:
+        return next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+    def _short_usage(self) -> str:
+        words = [self.prog, "[options]"]
+        for action in self._get_positional_actions():
+            if action.choices and isinstance(action, argparse._SubParsersAction):
+                words.append("{" + ",".join(action.choices) + "} ...")
+            else:
+                words.append(action.metavar or action.dest.upper())
+        return " ".join(words) + f"   (`{self.prog} --help` lists every option)"
+
+    def _unrecognized(self, extras: list[str]) -> str:
+        message = f"unrecognized arguments: {' '.join(extras)}"  # argparse's own wording
+        flag = next((x.split("=", 1)[0] for x in extras if x.startswith("-")), None)
+        options = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        match = difflib.get_close_matches(flag, options, n=1, cutoff=0.6) if flag else []
+        return message + (f"; did you mean {match[0]}?" if match else "")
+
+
+def _command(commands: argparse._SubParsersAction, name: str, help: str, description: str = "",
+             epilog: str = EXIT_CODES) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its description, options with defaults, and exit codes."""
+    return commands.add_parser(name, help=help, description=_wrap(description or help), epilog=epilog)
+
+
+def _wrap(text: str, width: int = 88) -> str:
+    """Fill prose paragraphs to `width`; leave paragraphs with indented lines (tables) as written."""
+    return "\n\n".join(p if "\n " in p else textwrap.fill(p, width, break_on_hyphens=False) for p in text.split("\n\n"))
+
+
+def _storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--s3-endpoint-url", metavar="URL",
+                        help="S3-compatible endpoint (MinIO, Ceph, R2, ...); AWS_ENDPOINT_URL_S3 works too")
+    parser.add_argument("--s3-anon", action="store_true", help="anonymous S3 access (public buckets)")
+
+
+def _storage(args: argparse.Namespace) -> StorageConfig:
+    return StorageConfig(endpoint_url=args.s3_endpoint_url, anon=args.s3_anon)
+
+
+@contextlib.contextmanager
+def _reaching(label: str) -> Iterator[None]:
+    """Turn a storage or path error inside the block into ConfigError("LABEL: fix")."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        line = user_error(e)
+        if line is None:
+            raise
+        raise ConfigError(f"{label}: {line}") from None
+
+
+def _open_results(args: argparse.Namespace):
+    from batchseg.results import open_results
+
+    with _reaching(f"RESULTS {args.results}"):
+        return open_results(args.results, _storage(args).options(args.results))
+
+
+# ---------------------------------------------------------------------------------------- run
+
+def _job_default(name: str) -> Any:
+    return JobConfig.model_fields[name].default
+
+
+def _model_default(name: str) -> Any:
+    return ModelConfig.model_fields[name].default
+
 
 # flag -> config path; model flags go to models.* (the single selected task).
 _JOB_FLAGS = {
@@ -31,75 +155,61 @@ _JOB_FLAGS = {
     "ray_address": ["ray_address"],
     "max_failed_fraction": ["max_failed_fraction"],
 }
+_SWITCHES = {"s3_anon": ["s3", "anon"], "overwrite": ["overwrite"], "retry_failed": ["retry_failed"],
+             "allow_empty": ["allow_empty"]}
 _MODEL_FLAGS = ("backend", "model", "weights", "label_map", "score_threshold", "min_size", "max_size")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchseg", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="annotate images into OUTPUT/annotations (Parquet)")
-    run.add_argument("--config", help="YAML job config (see jobs/configs/)")
-    run.add_argument("--input", action="append", metavar="URI", help="image folder, file or tar shard; repeatable")
-    run.add_argument("--output", metavar="URI", help="output folder (local path or s3://...)")
-    run.add_argument("--tasks", help="comma-separated tasks, e.g. instance")
-    run.add_argument("--backend", help="detectron2 | torchvision | package.module:Class")
-    run.add_argument("--model", help="detectron2 config name/YAML path, or torchvision architecture")
-    run.add_argument("--weights", metavar="URI", help="weights: local path, s3:// or https:// URL")
-    run.add_argument("--random-init", action="store_true", help="no weights: random initialisation (smoke tests)")
-    run.add_argument("--label-map", metavar="URI", help="YAML/JSON: model class index -> {id, name}")
-    run.add_argument("--score-threshold", type=float)
-    run.add_argument("--min-size", type=int, help="test-time shortest edge, pixels")
-    run.add_argument("--max-size", type=int, help="test-time longest edge cap, pixels")
-    run.add_argument("--batch-size", type=int, help="images per model forward")
-    run.add_argument("--num-actors", type=int, help="predictor actors (default: one per GPU)")
-    run.add_argument("--max-actors", type=int, help="let the actor pool grow to this size")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
-    run.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph, ...)")
-    run.add_argument("--s3-anon", action="store_true", help="anonymous S3 access (public buckets)")
-    run.add_argument("--overwrite", action="store_true", help="delete earlier runs in OUTPUT and annotate everything")
-    run.add_argument("--retry-failed", action="store_true", help="annotate again images earlier runs failed on")
-    run.add_argument("--max-failed-fraction", type=float, metavar="F",
-                     help="exit 3 when more than this fraction of images fail (e.g. 0.05)")
-    run.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+def add_run(commands: argparse._SubParsersAction) -> None:
+    run = _command(
+        commands, "run", help="annotate images into OUTPUT/annotations (Parquet)",
+        description="Annotate images: list INPUTs, run the models on a Ray cluster (RAY_ADDRESS, "
+                    "--ray-address, or a fresh local Ray), write one Parquet row per image to "
+                    "OUTPUT/annotations/run=RUN_ID/ and a report to OUTPUT/runs/RUN_ID.json.\n"
+                    "Flags override the --config file; --set reaches any config field. "
+                    "Defaults below are the config's.",
+        epilog=RUN_EXIT_CODES)
+    run.add_argument("--config", metavar="YAML", help="job config file (examples in jobs/configs/)")
+    run.add_argument("--input", action="append", metavar="URI",
+                     help="image folder (recursive), image file or .tar shard, local or s3://; repeatable")
+    run.add_argument("--output", metavar="URI", help="output folder, local or s3://")
+    run.add_argument("--tasks", metavar="LIST",
+                     help="comma-separated: instance, panoptic, keypoint, densepose (default: instance)")
+    run.add_argument("--allow-empty", action="store_true",
+                     help="an input with no images is not an error (scheduled runs over a growing lake)")
+    model = run.add_argument_group("model (the single selected task; with several use --set models.TASK.FIELD=VALUE)")
+    model.add_argument("--backend", help="detectron2 | torchvision | package.module:Class (default: detectron2)")
+    model.add_argument("--model", help="detectron2 model-zoo name or YAML path, or torchvision architecture "
+                                       "(default: the task's model-zoo config)")
+    model.add_argument("--weights", metavar="URI",
+                       help="checkpoint: local path, s3:// or https:// URL (default: the zoo checkpoint)")
+    model.add_argument("--random-init", action="store_true", help="no weights: random initialisation (smoke tests)")
+    model.add_argument("--label-map", metavar="URI", help="YAML/JSON: model class index -> {id, name}")
+    model.add_argument("--score-threshold", type=float, metavar="S",
+                       help=f"drop instances scored below S, 0..1 (default: {_model_default('score_threshold')})")
+    model.add_argument("--min-size", type=int, metavar="PX", help="test-time shortest edge (default: the model's)")
+    model.add_argument("--max-size", type=int, metavar="PX", help="test-time longest-edge cap (default: the model's)")
+    compute = run.add_argument_group("compute")
+    compute.add_argument("--batch-size", type=int, metavar="N",
+                         help=f"images per model forward (default: {_job_default('batch_size')})")
+    compute.add_argument("--num-actors", type=int, metavar="N", help="predictor actors (default: one per GPU)")
+    compute.add_argument("--max-actors", type=int, metavar="N", help="let the actor pool grow to N (default: --num-actors)")
+    compute.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                         help=f"auto = cuda when the cluster has GPUs (default: {_job_default('device')})")
+    compute.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                         help=f"fp16/bf16 autocast needs CUDA (default: {_job_default('precision')})")
+    compute.add_argument("--ray-address", metavar="ADDR",
+                         help="Ray cluster to attach to (default: RAY_ADDRESS, else a fresh local Ray)")
+    runs = run.add_argument_group("re-runs and failures")
+    runs.add_argument("--overwrite", action="store_true", help="delete earlier runs in OUTPUT and annotate everything")
+    runs.add_argument("--retry-failed", action="store_true", help="annotate again the images earlier runs failed on")
+    runs.add_argument("--max-failed-fraction", type=float, metavar="F",
+                      help="exit 3 when more than this fraction of images fails, e.g. 0.05 (default: no limit)")
+    _storage_flags(run)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="any config field by dotted path, e.g. models.instance.score_threshold=0.7")
-    run.add_argument("--dry-run", action="store_true", help="validate the config, print it, start nothing")
-
-    export = commands.add_parser("export", help="write COCO / Label Studio / CVAT files from a results dataset")
-    export.add_argument("format", choices=["coco", "labelstudio", "cvat"])
-    export.add_argument("results", help="a run's output folder (or its annotations/), local or s3://")
-    export.add_argument("dest", help="folder to write into, local or s3://")
-    export.add_argument("--model-version", help="Label Studio: predictions' model_version (default: from run.json)")
-    export.add_argument("--tasks-per-file", type=int, default=1000, help="Label Studio: tasks per JSON file")
-    export.add_argument("--url-map", action="append", default=[], metavar="PREFIX=URL",
-                        help="Label Studio: rewrite image URIs starting with PREFIX (e.g. file:///data/=http://host/)")
-    _storage_flags(export)
-
-    evaluate = commands.add_parser("eval", help="COCOeval (bbox, segm, keypoints) and PQ against ground truth")
-    evaluate.add_argument("results")
-    evaluate.add_argument("--gt", required=True, metavar="GT_JSON", help="COCO instances / keypoints / panoptic JSON")
-    evaluate.add_argument("--gt-panoptic-dir", metavar="DIR", help="panoptic PNGs of the ground truth (default: next to GT_JSON)")
-    evaluate.add_argument("--out", metavar="JSON", help="where to write the metrics (default: RESULTS/eval.json)")
-    _storage_flags(evaluate)
-
-    render = commands.add_parser("render", help="overlay images and an index.html contact sheet")
-    render.add_argument("results")
-    render.add_argument("dest")
-    render.add_argument("--limit", type=int, default=100, help="images to render (default 100)")
-    _storage_flags(render)
-    return parser
-
-
-def _storage_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, Ceph, ...)")
-    parser.add_argument("--s3-anon", action="store_true", help="anonymous S3 access")
-
-
-def _storage(args: argparse.Namespace):
-    from batchseg.config import StorageConfig
-
-    return StorageConfig(endpoint_url=args.s3_endpoint_url, anon=args.s3_anon)
+                     help="any config field by dotted path, e.g. models.instance.score_threshold=0.7; repeatable")
+    run.add_argument("--dry-run", action="store_true", help="validate, print the resolved config as JSON, start nothing")
+    run.set_defaults(handler=run_command)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -111,9 +221,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     for flag, path in _JOB_FLAGS.items():
         if getattr(args, flag) is not None:
             overrides.append((path, getattr(args, flag)))
-    for flag, path in (("s3_anon", ["s3", "anon"]), ("overwrite", ["overwrite"]), ("retry_failed", ["retry_failed"])):
-        if getattr(args, flag):
-            overrides.append((path, True))
+    overrides += [(path, True) for flag, path in _SWITCHES.items() if getattr(args, flag)]
     model_values = {f: getattr(args, f) for f in _MODEL_FLAGS if getattr(args, f) is not None}
     if args.random_init:
         model_values["random_init"] = True
@@ -130,83 +238,29 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(job.model_dump(mode="json"), indent=2))
         return EXIT_OK
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=ray_address(job))
+    _start_ray(job)
     summary = job_module.run(job)
-    images = summary["images"]
-    found = ", ".join(f"{v['total']} {column}" for column, v in summary["found"].items())
-    print(
-        f"batchseg: {images['in']} images, {images['annotated']} annotated, {images['failed']} failed; "
-        f"found {found} in {summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s) "
-        f"-> {summary['annotations']}"
-    )
+    print(_summary_line(summary))
     if summary["status"] == "failure_budget_exceeded":
-        print(
-            f"batchseg: {summary['failed_fraction']:.1%} of images failed, over max_failed_fraction="
-            f"{job.max_failed_fraction}; the failed list is {summary['failed_list']}",
-            file=sys.stderr,
-        )
+        print(f"batchseg: {summary['failed_fraction']:.1%} of images failed, over max_failed_fraction="
+              f"{job.max_failed_fraction}; the failed list is {summary['failed_list']}", file=sys.stderr)
         return EXIT_FAILURE_BUDGET
     return EXIT_OK
 
 
-def export_command(args: argparse.Namespace) -> int:
-    from batchseg.results import open_results
+def _start_ray(job: JobConfig) -> None:
+    import ray
 
-    storage = _storage(args)
-    results = open_results(args.results, storage.options(args.results))
-    if args.format == "coco":
-        from batchseg.exports.coco import export_coco
-
-        written = export_coco(results, args.dest, storage.options(args.dest))
-    elif args.format == "labelstudio":
-        from batchseg.exports.labelstudio import export_labelstudio
-
-        written = export_labelstudio(results, args.dest, storage.options(args.dest), model_version=args.model_version,
-                                     tasks_per_file=args.tasks_per_file, url_map=[_pair(m) for m in args.url_map])
-    else:
-        from batchseg.exports.cvat import export_cvat
-
-        written = export_cvat(results, args.dest, storage.options(args.dest))
-    for name, count in written.items():
-        print(f"batchseg: wrote {args.dest.rstrip('/')}/{name} ({count} items)")
-    return EXIT_OK
+    if not ray.is_initialized():
+        ray.init(address=ray_address(job))
 
 
-def eval_command(args: argparse.Namespace) -> int:
-    from batchseg.evaluate import evaluate, format_table
-    from batchseg.results import open_results
-    from batchseg.storage import write_json
-
-    storage = _storage(args)
-    results = open_results(args.results, storage.options(args.results))
-    metrics = evaluate(results, args.gt, args.gt_panoptic_dir, storage.options(args.gt))
-    print(format_table(metrics))
-    out = args.out or f"{args.results.rstrip('/')}/eval.json"
-    write_json(out, metrics, storage.options(out))
-    print(f"batchseg: metrics written to {out}")
-    return EXIT_OK
-
-
-def render_command(args: argparse.Namespace) -> int:
-    from batchseg.render import render
-    from batchseg.results import open_results
-
-    storage = _storage(args)
-    results = open_results(args.results, storage.options(args.results))
-    count = render(results, args.dest, limit=args.limit, storage=storage)
-    print(f"batchseg: rendered {count} images; open {args.dest.rstrip('/')}/index.html")
-    return EXIT_OK
-
-
-def _pair(item: str) -> tuple[str, str]:
-    prefix, sep, url = item.partition("=")
-    if not sep or not prefix:
-        raise ConfigError(f"bad --url-map {item!r}; write it as PREFIX=URL")
-    return prefix, url
+def _summary_line(summary: dict[str, Any]) -> str:
+    images = summary["images"]
+    found = ", ".join(f"{v['total']} {column}" for column, v in summary["found"].items())
+    return (f"batchseg: {images['in']} images, {images['annotated']} annotated, {images['failed']} failed; "
+            f"found {found} in {summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s) "
+            f"-> {summary['annotations']}")
 
 
 def ray_address(job: JobConfig) -> str | None:
@@ -217,23 +271,227 @@ def ray_address(job: JobConfig) -> str | None:
     return job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
 
 
+# ------------------------------------------------------------------------------------- export
+
+def add_export(commands: argparse._SubParsersAction) -> None:
+    export = _command(commands, "export", help="write annotation-tool files from a results dataset",
+                      description="Write a results dataset in an annotation tool's format. "
+                                  "`batchseg export FORMAT --help` says what each format writes.")
+    formats = export.add_subparsers(title="formats", dest="format", required=True, metavar="FORMAT",
+                                    parser_class=_Parser)
+    for add in EXPORT_FORMATS:
+        add(formats)
+
+
+def _export_format(formats: argparse._SubParsersAction, name: str, help: str, writes: str,
+                   handler: Callable[[argparse.Namespace], dict[str, Any]]) -> argparse.ArgumentParser:
+    """`batchseg export NAME RESULTS DEST`; `handler(args)` writes and returns what `_export` prints."""
+    parser = _command(formats, name, help=help, description=f"{help}.\n\nWrites into DEST:\n{writes}")
+    parser.add_argument("results", metavar="RESULTS", help=RESULTS_HELP)
+    parser.add_argument("dest", metavar="DEST", help="folder to write into, local or s3:// (created if absent)")
+    _storage_flags(parser)
+    parser.set_defaults(handler=lambda args: _export(args, handler))
+    return parser
+
+
+def _export(args: argparse.Namespace, write: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
+    """Run `write`; it returns {file: items} or {"files": {file: items}, other figures...}."""
+    with _reaching(f"DEST {args.dest}"):
+        summary = write(args)
+    files = summary["files"] if isinstance(summary.get("files"), dict) else summary
+    for name, count in files.items():
+        print(f"batchseg: wrote {args.dest.rstrip('/')}/{name} ({count} items)")
+    for key, value in summary.items():
+        if files is not summary and key != "files":
+            print(f"batchseg: {key.replace('_', ' ')}: {value}")
+    return EXIT_OK
+
+
+def add_export_coco(formats: argparse._SubParsersAction) -> None:
+    _export_format(formats, "coco", "COCO JSON: dataset form (to import) and results form (for COCOeval)", """\
+  instances.json, instances_results.json                 instance masks (RLE), boxes, scores
+  person_keypoints.json, person_keypoints_results.json   17 COCO keypoints, names and skeleton
+  panoptic.json, panoptic/IMAGE_ID.png                   segment ids as R + 256 G + 256^2 B
+  densepose_results.json                                 DensePose charts, as DensePose's own results
+Only the files of the tasks the run had; failed images are left out.""", _write_coco)
+
+
+def _write_coco(args: argparse.Namespace) -> dict[str, Any]:
+    from batchseg.exports.coco import export_coco
+
+    return export_coco(_open_results(args), args.dest, _storage(args).options(args.dest))
+
+
+def add_export_labelstudio(formats: argparse._SubParsersAction) -> None:
+    parser = _export_format(
+        formats, "labelstudio", "Label Studio import files: tasks with predictions (pre-annotations)", """\
+  tasks-00000.json, tasks-00001.json, ...   --tasks-per-file tasks each, with predictions:
+                                            boxes (rectanglelabels, percent), masks (brushlabels,
+                                            Label Studio's RLE), keypoints (keypointlabels)
+  labeling_config.xml                       the project's labeling config matching those regions
+Image references stay s3:// or https:// (Label Studio resolves them through its cloud storage);
+--url-map rewrites prefixes, e.g. for local files served over HTTP. DensePose is not exported.""",
+        _write_labelstudio)
+    parser.add_argument("--model-version", metavar="TEXT",
+                        help="the predictions' model_version (default: model names from run.json)")
+    parser.add_argument("--tasks-per-file", type=int, default=1000, metavar="N",
+                        help="tasks per JSON file; one huge import times out in Label Studio")
+    parser.add_argument("--url-map", action="append", default=[], metavar="PREFIX=URL",
+                        help="rewrite image URIs starting with PREFIX, e.g. file:///data/=http://host:8081/; repeatable")
+
+
+def _write_labelstudio(args: argparse.Namespace) -> dict[str, int]:
+    from batchseg.exports.labelstudio import export_labelstudio
+
+    if args.tasks_per_file < 1:
+        raise ConfigError(f"--tasks-per-file must be at least 1 (got {args.tasks_per_file})")
+    url_map = [_pair(m) for m in args.url_map]
+    return export_labelstudio(_open_results(args), args.dest, _storage(args).options(args.dest),
+                              model_version=args.model_version, tasks_per_file=args.tasks_per_file, url_map=url_map)
+
+
+def add_export_cvat(formats: argparse._SubParsersAction) -> None:
+    _export_format(formats, "cvat", "CVAT import archives (Upload annotations)", """\
+  cvat_coco_instances.zip   format "COCO 1.0": instance masks as RLE, boxes
+  cvat_coco_keypoints.zip   format "COCO Keypoints 1.0": people with 17 keypoints
+Image file names are relative to the run's input folders: make the CVAT task from the same
+folder layout.""", _write_cvat)
+
+
+def _write_cvat(args: argparse.Namespace) -> dict[str, Any]:
+    from batchseg.exports.cvat import export_cvat
+
+    return export_cvat(_open_results(args), args.dest, _storage(args).options(args.dest))
+
+
+# One function per format, in the order `export --help` lists them (fiftyone goes here).
+EXPORT_FORMATS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_export_coco,
+    add_export_labelstudio,
+    add_export_cvat,
+]
+
+
+def _pair(item: str) -> tuple[str, str]:
+    prefix, sep, url = item.partition("=")
+    if not sep or not prefix:
+        raise ConfigError(f"bad --url-map {item!r}; write it as PREFIX=URL")
+    return prefix, url
+
+
+# --------------------------------------------------------------------------------------- eval
+
+def add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = _command(
+        commands, "eval", help="COCOeval (bbox, segm, keypoints) or PQ against a ground truth",
+        description="Score a results dataset against a COCO ground truth: COCOeval bbox/segm for "
+                    "instances, keypoints for a person_keypoints GT, PQ for a panoptic GT. Images match "
+                    "by id or by file name (the GT file_name equals the end of the image's path). "
+                    "Prints a table and writes the metrics as JSON.")
+    evaluate.add_argument("results", metavar="RESULTS", help=RESULTS_HELP)
+    evaluate.add_argument("--gt", required=True, metavar="GT_JSON",
+                          help="COCO instances, person_keypoints or panoptic JSON (local or s3://)")
+    evaluate.add_argument("--gt-panoptic-dir", metavar="DIR",
+                          help="the panoptic GT's PNGs (default: GT_JSON without .json, as COCO ships them)")
+    evaluate.add_argument("--out", metavar="JSON", help="where to write the metrics (default: RESULTS/eval.json)")
+    _storage_flags(evaluate)
+    evaluate.set_defaults(handler=eval_command)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from batchseg.evaluate import evaluate, format_table
+    from batchseg.storage import write_json
+
+    storage = _storage(args)
+    results = _open_results(args)
+    _require_file("--gt", args.gt, storage)
+    with _reaching(f"--gt {args.gt}"):
+        metrics = evaluate(results, args.gt, args.gt_panoptic_dir, storage.options(args.gt))
+    print(format_table(metrics))
+    out = args.out or f"{args.results.rstrip('/')}/eval.json"
+    with _reaching(f"--out {out}"):
+        write_json(out, metrics, storage.options(out))
+    print(f"batchseg: metrics written to {out}")
+    return EXIT_OK
+
+
+def _require_file(flag: str, uri: str, storage: StorageConfig) -> None:
+    from fsspec.core import url_to_fs
+
+    with _reaching(f"{flag} {uri}"):
+        fs, path = url_to_fs(uri, **storage.options(uri))
+        if not fs.isfile(path):
+            kind = "a folder" if fs.isdir(path) else "not found"
+            raise ConfigError(f"{flag} {uri}: {kind}; give the path of a file")
+
+
+# ------------------------------------------------------------------------------------- render
+
+def add_render(commands: argparse._SubParsersAction) -> None:
+    render = _command(
+        commands, "render", help="overlay images and an index.html contact sheet",
+        description="Draw each image's annotations (masks, boxes and labels, panoptic segments, "
+                    "keypoints, DensePose parts) into DEST/IMAGE_ID_TASK.jpg and write DEST/index.html.")
+    render.add_argument("results", metavar="RESULTS", help=RESULTS_HELP)
+    render.add_argument("dest", metavar="DEST", help="folder for the JPEGs and index.html, local or s3://")
+    render.add_argument("--limit", type=int, default=100, metavar="N", help="images to render")
+    _storage_flags(render)
+    render.set_defaults(handler=render_command)
+
+
+def render_command(args: argparse.Namespace) -> int:
+    from batchseg.render import render
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
+    results = _open_results(args)
+    with _reaching(f"DEST {args.dest}"):
+        count = render(results, args.dest, limit=args.limit, storage=_storage(args))
+    print(f"batchseg: rendered {count} images; open {args.dest.rstrip('/')}/index.html")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- main
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_export, add_eval, add_render]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="batchseg", description=__doc__.split("\n\n")[0], epilog=RUN_EXIT_CODES)
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # batchseg's own progress notes at INFO; other libraries only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("batchseg").setLevel(logging.INFO)
     # Import-time notices from detectron2's dependencies; they would bury a one-line error.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
-    args = _parser().parse_args(argv)
-    commands = {"run": run_command, "export": export_command, "eval": eval_command, "render": render_command}
-    from batchseg.runs import OutputLocked
-
+    args = build_parser().parse_args(argv)
     try:
-        return commands[args.command](args)
-    except OutputLocked as e:
-        print(f"batchseg: {e}", file=sys.stderr)
-        return EXIT_LOCKED
+        return args.handler(args)
     except ConfigError as e:
         print(f"batchseg: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return _exit_code(e)
+    except KeyboardInterrupt:
+        print("batchseg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        line = user_error(e)  # a storage or path problem surfacing where no check caught it
+        if line is None:
+            raise
+        print(f"batchseg: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _exit_code(e: ConfigError) -> int:
+    """4 for OutputLocked, 2 for any other ConfigError. Matched by name: importing the lease
+    module here would import Ray into every command."""
+    return EXIT_LOCKED if any(c.__name__ == "OutputLocked" for c in type(e).__mro__) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
