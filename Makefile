@@ -18,6 +18,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/torch.txt
 
 setup: $(VENV)/.installed
 
+# datumaro (the library CVAT's importers run on) imports our CVAT archives in tests/test_exports.py;
+# its pins clash with ours, so it gets a venv of its own.
+DATUMARO := .venv-datumaro
+$(DATUMARO)/.installed: requirements/datumaro.txt
+	$(PYTHON) -m venv $(DATUMARO)
+	$(DATUMARO)/bin/pip install --quiet -r requirements/datumaro.txt
+	touch $@
+
 samples: setup
 	$(BIN)/python -m batchseg.samples samples --bad
 
@@ -25,8 +33,8 @@ demo: samples
 	$(BIN)/batchseg run --config jobs/configs/local-demo.yaml
 	@echo "annotations: out/demo/annotations  summary: out/demo/run.json"
 
-test: setup
+test: setup $(DATUMARO)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) samples out
+	rm -rf $(VENV) $(DATUMARO) samples out

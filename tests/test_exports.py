@@ -1,6 +1,7 @@
 """export coco | labelstudio | cvat, eval and render, on real run outputs and on synthetic rows."""
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -15,10 +16,12 @@ from batchseg.encoding import decode_iuv, decode_mask, decode_panoptic
 from batchseg.evaluate import evaluate
 from batchseg.exports.coco import export_coco
 from batchseg.exports.cvat import export_cvat
+from batchseg.exports.polygons import mask_to_polygons, polygons_to_rle
 from batchseg.exports.labelstudio import export_labelstudio
 from batchseg.render import render
 from batchseg.results import open_results
-from tests.conftest import run_job
+from tests.annotated_rows import write_results as write_hand_rows
+from tests.conftest import REPO, run_job
 from tests.synthetic_results import write_results
 
 ORACLES = {
@@ -44,7 +47,7 @@ def _rows_by_id(results, column):
 
 
 def test_coco_instances_load_and_masks_round_trip(oracle_results, tmp_path):
-    written = export_coco(oracle_results, str(tmp_path))
+    written = export_coco(oracle_results, str(tmp_path))["files"]
     gt = COCO(str(tmp_path / "instances.json"))
     dt = gt.loadRes(str(tmp_path / "instances_results.json"))
     rows = _rows_by_id(oracle_results, "instances")
@@ -167,7 +170,7 @@ def test_labelstudio_keypoints_and_s3_references(people, tmp_path):
 
 
 def test_cvat_archives(people, tmp_path):
-    written = export_cvat(people, str(tmp_path))
+    written = export_cvat(people, str(tmp_path))["files"]
     assert set(written) == {"cvat_coco_instances.zip", "cvat_coco_keypoints.zip"}
     with zipfile.ZipFile(tmp_path / "cvat_coco_keypoints.zip") as zf:
         assert zf.namelist() == ["annotations/person_keypoints_default.json", "images/"]
@@ -212,3 +215,117 @@ def test_eval_keypoints_against_their_own_coco_export(people, tmp_path):
     metrics = evaluate(people, str(tmp_path / "person_keypoints.json"))
     assert metrics["keypoints"]["AP"] == 100.0
     assert metrics["images"] == {"results": 3, "ground_truth": 3, "matched": 3}
+
+
+# --- hand-made rows (tests/annotated_rows.py): holes, objects in two parts, empty masks -------
+
+DATUMARO_PYTHON = REPO / ".venv-datumaro" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory):
+    return open_results(str(write_hand_rows(tmp_path_factory.mktemp("hand"))))
+
+
+def _masks_by_image(results):
+    """image_id -> [(category_id, (H, W) bool)] of the non-empty instance masks."""
+    return {r["image_id"]: [(i["category_id"], decode_mask(i["segmentation"])) for i in r["instances"] if i["area"]]
+            for r in results.rows() if r["error"] is None}
+
+
+def test_dataset_form_leaves_out_empty_masks_results_form_keeps_them(hand, tmp_path):
+    summary = export_coco(hand, str(tmp_path))
+    assert summary["skipped_empty"] == 4  # one per image
+    assert summary["files"]["instances.json"] == 8 and summary["files"]["instances_results.json"] == 12
+    gt = COCO(str(tmp_path / "instances.json"))
+    assert all(gt.annToMask(a).any() and a["area"] > 0 for a in gt.loadAnns(gt.getAnnIds()))
+    results = json.loads((tmp_path / "instances_results.json").read_text())
+    assert sum(not mask_util.area(r["segmentation"]) for r in results) == 4
+
+
+def test_a_run_scores_ap_100_against_its_own_dataset_form_export(hand, tmp_path):
+    export_coco(hand, str(tmp_path))
+    metrics = evaluate(hand, str(tmp_path / "instances.json"))
+    assert metrics["segm"]["AP"] == 100.0 and metrics["bbox"]["AP"] == 100.0
+    # what instances.json held before: every instance the model produced, empty masks included.
+    # No prediction can match an empty GT mask (pycocotools' IoU of two empty masks is 0).
+    dataset = json.loads((tmp_path / "instances.json").read_text())
+    results = json.loads((tmp_path / "instances_results.json").read_text())
+    dataset["annotations"] = [{**r, "id": n, "area": int(mask_util.area(r["segmentation"])), "iscrowd": 0}
+                              for n, r in enumerate(results, start=1)]
+    (tmp_path / "with_empty.json").write_text(json.dumps(dataset))
+    before = evaluate(hand, str(tmp_path / "with_empty.json"))
+    assert before["segm"]["AP"] < 100.0
+
+
+def test_polygons_keep_holes_and_parts_and_lose_no_iou(hand, tmp_path):
+    summary = export_coco(hand, str(tmp_path), polygons=True)
+    assert summary["polygons"] == {"converted": 8, "iou_mean": 1.0, "iou_min": 1.0}
+    gt = COCO(str(tmp_path / "instances.json"))
+    masks = _masks_by_image(hand)
+    for ann in gt.loadAnns(gt.getAnnIds()):
+        assert isinstance(ann["segmentation"], list) and all(len(p) >= 8 for p in ann["segmentation"])
+        expected = [m for c, m in masks[ann["image_id"]] if c == ann["category_id"]]
+        assert np.array_equal(gt.annToMask(ann).astype(bool), expected[0])
+        if ann["category_id"] == 18:
+            assert len(ann["segmentation"]) == 2  # the dog's two parts
+        else:
+            assert len(ann["segmentation"]) == 1 and not expected[0].all()  # the ring, hole spliced in
+    assert evaluate(hand, str(tmp_path / "instances.json"))["segm"]["AP"] == 100.0
+
+
+def test_mask_to_polygons_is_exact_on_noisy_masks():
+    rng = np.random.default_rng(0)
+    assert mask_to_polygons(np.zeros((5, 5), bool)) == []
+    for density in (0.1, 0.5, 0.8):
+        for _ in range(40):
+            mask = rng.random((17, 23)) < density  # holes, pinches, single pixels, border contact
+            if not mask.any():
+                continue
+            rle = polygons_to_rle(mask_to_polygons(mask), *mask.shape)
+            assert np.array_equal(mask_util.decode(rle).astype(bool), mask)
+
+
+def _datumaro(archive, fmt):
+    if not DATUMARO_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DATUMARO_PYTHON} missing: `make test` builds it from requirements/datumaro.txt")
+        pytest.skip("no .venv-datumaro: run `make test` (it builds it from requirements/datumaro.txt)")
+    out = subprocess.run([str(DATUMARO_PYTHON), str(REPO / "tests" / "datumaro_import.py"), str(archive), fmt],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("polygons", [False, True], ids=["rle", "polygons"])
+def test_cvat_archives_import_with_datumaro(hand, tmp_path, polygons):
+    """datumaro is what CVAT's "COCO 1.0" and "COCO Keypoints 1.0" importers run."""
+    export_cvat(hand, str(tmp_path), polygons=polygons)
+    imported = _datumaro(tmp_path / "cvat_coco_instances.zip", "coco_instances")
+    assert imported["labels"] == ["person", "dog"]
+    masks = _masks_by_image(hand)
+    assert set(imported["items"]) == {str(i) for i in masks}
+    for image_id, anns in imported["items"].items():
+        expected = masks[int(image_id)]
+        height, width = expected[0][1].shape
+        shapes = [a for a in anns if a["type"] != "Bbox"]
+        groups = {}
+        for a in shapes:
+            assert a["type"] == ("Polygon" if polygons else "RleMask")
+            if polygons:
+                groups.setdefault(a["group"], (a["label"], []))[1].append(a["points"])
+            else:
+                rle = {"size": [height, width], "counts": a["rle"].encode()}
+                groups[a["group"]] = (a["label"], mask_util.decode(rle).astype(bool))
+        assert len(groups) == len(expected) == 2  # the empty mask was left out
+        got = {label: (polygon_mask(m, height, width) if polygons else m) for label, m in groups.values()}
+        names = {1: "person", 18: "dog"}
+        for category_id, mask in expected:
+            assert np.array_equal(got[names[category_id]], mask)
+    people = _datumaro(tmp_path / "cvat_coco_keypoints.zip", "coco_person_keypoints")
+    points = [a for anns in people["items"].values() for a in anns if a["type"] == "Points"]
+    assert len(points) == 4 and all(len(p["points"]) == 34 and set(p["visibility"]) == {2} for p in points)
+
+
+def polygon_mask(polygons, height, width):
+    return mask_util.decode(polygons_to_rle(polygons, height, width)).astype(bool)

@@ -6,6 +6,11 @@ DEST gets, for each task the run had:
   panoptic.json, panoptic/IMAGE_ID.png                 id = R + 256 G + 256^2 B per pixel
   densepose_results.json                               DensePose's compressed chart results
 Only rows without an error become images; failed rows have no size and nothing to import.
+
+The dataset form (instances.json) is what annotation tools import as labels, so it holds valid
+annotations only: an instance whose mask is empty (a random or tiny box can give one) is left
+out and counted as `skipped_empty`. The results form keeps every instance the model produced.
+With `polygons=True` the dataset form's masks become COCO polygons (exports.polygons).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Any, TextIO
 import fsspec
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from batchseg.encoding import decode_iuv, decode_panoptic
+from batchseg.exports.polygons import PolygonStats
 from batchseg.results import Results
 from batchseg.sources import split_member
 from batchseg.tasks import TASK_TABLE
@@ -72,10 +79,23 @@ def image_entry(row: dict[str, Any], roots: list[str]) -> dict[str, Any]:
     }
 
 
+def has_mask(item: dict[str, Any]) -> bool:
+    """False for an instance (or DensePose person) whose mask is empty: no valid annotation
+    (segm IoU 0 with anything, itself included). Reads `area` (the mask's pixel count) where
+    the cell has one, else the RLE's area."""
+    area = item.get("area")
+    if area is None:
+        seg = item["segmentation"]
+        area = mask_util.area({"size": list(seg["size"]), "counts": seg["counts"].encode("ascii")})
+    return bool(area)
+
+
 def export_coco(results: Results, dest: str, storage_options: dict[str, Any] | None = None,
-                only: set[str] | None = None) -> dict[str, int]:
-    """Write the COCO files for every task column present (or just the file names in `only`);
-    returns items written per file."""
+                only: set[str] | None = None, polygons: bool = False) -> dict[str, Any]:
+    """Write the COCO files for every task column present (or just the file names in `only`).
+
+    Returns {"files": {file name: items written}, "skipped_empty": instances with an empty mask
+    left out of instances.json, "polygons": PolygonStats.summary() (only with `polygons`)}."""
     opts = storage_options or {}
 
     def want(name: str) -> bool:
@@ -98,6 +118,21 @@ def export_coco(results: Results, dest: str, storage_options: dict[str, Any] | N
             for item in row[column]:
                 yield make(row, item)
 
+    skipped_empty = 0
+    stats = PolygonStats() if polygons else None
+
+    def instance_annotations() -> Iterator[dict[str, Any]]:
+        nonlocal skipped_empty
+        for row in ok_rows("instances"):
+            for inst in row["instances"]:
+                if not has_mask(inst):
+                    skipped_empty += 1
+                    continue
+                ann = _instance_annotation(row, inst)
+                if stats is not None:
+                    ann["segmentation"] = stats.convert(inst["segmentation"])
+                yield ann
+
     present = columns_present(results)
     if "instances" in present:
         things = cats.get("instance", {}).get("things", [])
@@ -106,7 +141,7 @@ def export_coco(results: Results, dest: str, storage_options: dict[str, Any] | N
                                                              items("instances", _instance_result))
         if want("instances.json"):
             written["instances.json"] = _write_dataset(dest, "instances.json", opts, things, images("instances"),
-                                                       _numbered(items("instances", _instance_annotation)))
+                                                       _numbered(instance_annotations()))
     if "keypoints" in present:
         kp = cats.get("keypoint", {})
         categories = [{**c, "supercategory": c["name"], "keypoints": kp.get("keypoint_names", []),
@@ -126,7 +161,10 @@ def export_coco(results: Results, dest: str, storage_options: dict[str, Any] | N
     if "densepose" in present and want("densepose_results.json"):
         written["densepose_results.json"] = _write_array(dest, "densepose_results.json", opts,
                                                          items("densepose", _densepose_result))
-    return written
+    summary: dict[str, Any] = {"files": written, "skipped_empty": skipped_empty}
+    if stats is not None:
+        summary["polygons"] = stats.summary()
+    return summary
 
 
 def _instance_result(row: dict[str, Any], inst: dict[str, Any]) -> dict[str, Any]:

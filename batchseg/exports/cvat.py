@@ -2,8 +2,10 @@
 
 DEST gets cvat_coco_instances.zip (annotations/instances_default.json) and
 cvat_coco_keypoints.zip (annotations/person_keypoints_default.json), the layouts CVAT's
-importers read. Masks stay COCO RLE, which CVAT imports as mask shapes. Image file_names are
-relative to the run's input folders: create the CVAT task from the same folder layout.
+importers read. Masks stay COCO RLE, which CVAT imports as mask shapes, or become polygons
+with `polygons=True` (exports.polygons). They hold the dataset form of export_coco: instances
+with an empty mask are left out and counted. Image file_names are relative to the run's input
+folders: create the CVAT task from the same folder layout.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ ARCHIVES = {  # COCO file -> (archive, member path CVAT looks for)
 }
 
 
-def export_cvat(results: Results, dest: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+def export_cvat(results: Results, dest: str, storage_options: dict[str, Any] | None = None,
+                polygons: bool = False) -> dict[str, Any]:
+    """Returns export_coco's summary with the archives as "files" (annotations per archive)."""
     written = {}
     with tempfile.TemporaryDirectory(prefix="batchseg-cvat-") as tmp:
-        counts = export_coco(results, tmp, only=set(ARCHIVES))
-        for coco_name, count in counts.items():
+        summary = export_coco(results, tmp, only=set(ARCHIVES), polygons=polygons)
+        for coco_name, count in summary["files"].items():
             archive, member = ARCHIVES[coco_name]
             local = Path(tmp) / archive
             with zipfile.ZipFile(local, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -38,4 +42,4 @@ def export_cvat(results: Results, dest: str, storage_options: dict[str, Any] | N
             fs.makedirs(fs._parent(path), exist_ok=True)
             fs.put_file(str(local), path)
             written[archive] = count
-    return written
+    return {**summary, "files": written}
