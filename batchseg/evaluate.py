@@ -3,9 +3,19 @@
 Images are matched to the ground truth by id (a GT built from our own export) or by file
 name: a GT `file_name` equal to the end of the image's path ("street/a.jpg" matches
 ".../images/street/a.jpg"; the longest match wins). Only matched images are scored.
-PQ follows the COCO panoptic definition (panopticapi is not on PyPI, so it is computed here):
-segments match at IoU > 0.5 within a category; predicted segments lying more than half on
-void or on a crowd region of their category are ignored.
+
+Rows are streamed: one pass matches images (keeping our id -> GT id for matched images only),
+one more pass collects what the scorer needs from the matched images. COCOeval needs every
+detection at once (pycocotools holds them anyway); PQ needs nothing in memory per image:
+each predicted panoptic map is written as a PNG to a temporary folder as it streams by.
+
+PQ is computed by hotcoco (`hotcoco.panoptic.PanopticEval`), which follows panopticapi, the
+COCO reference: segments match at IoU > 0.5 within a category, void pixels are left out of
+the union, predicted segments lying more than half on void or on a crowd region of their
+category are ignored. panopticapi itself is not installable next to numpy 2 (panopticapi-lite
+pins numpy < 2); on the same inputs (void, crowd, relabelled, shifted and spurious segments)
+hotcoco, panopticapi and the implementation batchseg had before gave the same PQ, SQ and RQ,
+so ours was deleted; tests/test_eval.py checks hand-computed cases.
 """
 
 from __future__ import annotations
@@ -14,12 +24,12 @@ import contextlib
 import io
 import json
 import os
-from collections import defaultdict
+import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
-import numpy as np
-from PIL import Image
+from fsspec.core import url_to_fs
 
 from batchseg.config import ConfigError
 from batchseg.encoding import decode_panoptic
@@ -30,12 +40,15 @@ COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 KEYPOINT_STATS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
 
 
-def match_images(rows: list[dict[str, Any]], gt_images: list[dict[str, Any]]) -> dict[int, int]:
-    """Our image_id -> GT image id, by id first, else by the longest file-name suffix."""
+def match_images(rows: Iterable[dict[str, Any]], gt_images: list[dict[str, Any]]) -> tuple[dict[int, int], int]:
+    """(our image_id -> GT image id for the matched rows, rows seen): by id first, else by the
+    longest file-name suffix. `rows` need `image_id` and `image_uri`."""
     by_id = {img["id"] for img in gt_images}
     by_name = {img["file_name"].lstrip("./"): img["id"] for img in gt_images}
-    matched = {}
+    matched: dict[int, int] = {}
+    seen = 0
     for row in rows:
+        seen += 1
         if row["image_id"] in by_id:
             matched[row["image_id"]] = row["image_id"]
             continue
@@ -45,46 +58,64 @@ def match_images(rows: list[dict[str, Any]], gt_images: list[dict[str, Any]]) ->
             if name in by_name:
                 matched[row["image_id"]] = by_name[name]
                 break
-    return matched
+    return matched, seen
 
 
 def evaluate(results: Results, gt_path: str, gt_panoptic_dir: str | None = None,
              storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics (percent) for every task present in both the results and the ground truth."""
-    with fsspec.open(gt_path, "r", **(storage_options or {})) as f:
+    opts = storage_options or {}
+    with fsspec.open(gt_path, "r", **opts) as f:
         gt = json.load(f)
     if not gt.get("images"):
         raise ConfigError(f"{gt_path} holds no images; expected a COCO ground-truth JSON")
-    columns = ["image_id", "image_uri", "width", "height", "error", "instances", "keypoints", "panoptic"]
-    rows = [r for r in results.rows(columns) if r["error"] is None]
-    matched = match_images(rows, gt["images"])
+    ok = (r for r in results.rows(["image_uri", "error"]) if r["error"] is None)
+    matched, annotated = match_images(ok, gt["images"])
     if not matched:
         raise ConfigError(
-            f"the ground truth matches no image of the results ({len(rows)} images, {len(gt['images'])} in GT): "
+            f"the ground truth matches no image of the results ({annotated} images, {len(gt['images'])} in GT): "
             "compare its image ids or file_names with the image URIs"
         )
-    metrics: dict[str, Any] = {"images": {"results": len(rows), "ground_truth": len(gt["images"]), "matched": len(matched)}}
-    rows = [r for r in rows if r["image_id"] in matched]
-    if "segments_info" in (gt.get("annotations") or [{}])[0]:
+    metrics: dict[str, Any] = {"images": {"results": annotated, "ground_truth": len(gt["images"]), "matched": len(matched)}}
+    anns = gt.get("annotations") or []
+    if anns and "segments_info" in anns[0]:
         folder = gt_panoptic_dir or os.path.splitext(gt_path)[0]
-        metrics["panoptic"] = panoptic_quality(rows, matched, gt, folder, storage_options or {})
+        metrics["panoptic"] = panoptic_quality(results, matched, gt, folder, opts)
         return metrics
-    anns = gt.get("annotations", [])
     if any("keypoints" in c for c in gt.get("categories", [])):  # a person_keypoints ground truth
-        plan = [("keypoints", ["keypoints"])]
+        column, iou_types = "keypoints", ["keypoints"]
     else:
-        plan = [("instances", ["bbox"] + (["segm"] if any("segmentation" in a for a in anns) else []))]
-    for column, iou_types in plan:
-        detections = [
-            {**{k: v for k, v in item.items() if k in ("category_id", "bbox", "score", "segmentation", "keypoints")},
-             "image_id": matched[r["image_id"]]}
-            for r in rows if r.get(column) is not None for item in r[column]
-        ]
-        if not any(r.get(column) is not None for r in rows) or not anns:
-            continue
-        for iou_type in iou_types:
-            metrics[iou_type] = _cocoeval(gt, detections, iou_type, sorted(set(matched.values())))
+        column, iou_types = "instances", ["bbox"] + (["segm"] if any("segmentation" in a for a in anns) else [])
+    if not anns:
+        return metrics
+    detections, present = _detections(results, matched, column)
+    if not present:
+        return metrics
+    for iou_type in iou_types:
+        metrics[iou_type] = _cocoeval(gt, _for_iou_type(detections, iou_type), iou_type, sorted(set(matched.values())))
     return metrics
+
+
+def _detections(results: Results, matched: dict[int, int], column: str) -> tuple[list[dict[str, Any]], bool]:
+    """COCO result dicts of the matched images (GT image ids), and whether any matched row
+    has the column at all."""
+    keys = ("category_id", "bbox", "score", "segmentation", "keypoints")
+    detections, present = [], False
+    for row in results.rows(["error", column]):
+        gt_id = matched.get(row["image_id"])
+        if gt_id is None or row["error"] is not None or row.get(column) is None:
+            continue
+        present = True
+        detections.extend({**{k: v for k, v in item.items() if k in keys}, "image_id": gt_id} for item in row[column])
+    return detections, present
+
+
+def _for_iou_type(detections: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """segm results go without their box, as detectron2's COCOEvaluator passes them:
+    pycocotools' loadRes then takes area (APs/APm/APl) from the mask, not from the box."""
+    if iou_type != "segm":
+        return detections
+    return [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
 
 
 def _cocoeval(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: str, image_ids: list[int]) -> dict[str, float]:
@@ -106,80 +137,62 @@ def _cocoeval(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: st
     return {name: round(float(v) * 100, 3) if v >= 0 else None for name, v in zip(names, ev.stats)}
 
 
-def panoptic_quality(rows: list[dict[str, Any]], matched: dict[int, int], gt: dict[str, Any], gt_dir: str,
+def panoptic_quality(results: Results, matched: dict[int, int], gt: dict[str, Any], gt_dir: str,
                      storage_options: dict[str, Any]) -> dict[str, Any]:
-    isthing = {c["id"]: bool(c.get("isthing", 1)) for c in gt["categories"]}
+    """PQ / SQ / RQ (percent) for All, Things and Stuff, by hotcoco, over the matched images
+    with a panoptic result. `gt_dir` holds the GT PNGs (any fsspec URI; remote ones are
+    copied image by image into a temporary folder)."""
+    from hotcoco.panoptic import PanopticEval
+
+    from batchseg.exports.coco import id_map_png
+
     gt_anns = {a["image_id"]: a for a in gt["annotations"]}
-    stats: dict[int, dict[str, float]] = defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0, "iou": 0.0})
-    for row in rows:
-        ann = gt_anns.get(matched[row["image_id"]])
-        if ann is None or row.get("panoptic") is None:
-            continue
-        with fsspec.open(f"{gt_dir.rstrip('/')}/{ann['file_name']}", "rb", **storage_options) as f:
-            rgb = np.asarray(Image.open(f).convert("RGB"), dtype=np.int64)
-        gt_map = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-        pred_map = decode_panoptic(row["panoptic"], row["height"], row["width"])
-        if gt_map.shape != pred_map.shape:
-            raise ConfigError(f"ground-truth PNG {ann['file_name']} is {gt_map.shape}, results {pred_map.shape}")
-        _score_image(gt_map, pred_map, {s["id"]: s for s in ann["segments_info"]},
-                     {s["id"]: s for s in row["panoptic"]}, stats)
-    return _summarise_pq(stats, isthing)
+    known = {c["id"] for c in gt["categories"]}
+    fs, gt_root = url_to_fs(gt_dir.rstrip("/"), **storage_options)
+    local_gt = "file" in fs.protocol
+    with tempfile.TemporaryDirectory(prefix="batchseg-pq-") as tmp:
+        pred_dir, copy_dir = os.path.join(tmp, "pred"), os.path.join(tmp, "gt")
+        os.makedirs(pred_dir)
+        os.makedirs(copy_dir)
+        predictions, scored = [], set()
+        for row in results.rows(["error", "width", "height", "panoptic"]):
+            gt_id = matched.get(row["image_id"])
+            if gt_id is None or gt_id not in gt_anns or row["error"] is not None or row.get("panoptic") is None:
+                continue
+            if gt_id in scored:
+                continue  # two of our images matched one GT image: the first one counts
+            scored.add(gt_id)
+            for seg in row["panoptic"]:
+                if seg["category_id"] not in known:
+                    raise ConfigError(f"the panoptic ground truth has no category {seg['category_id']} (predicted in "
+                                      f"{row['image_id']}): evaluate against a GT with the model's category ids")
+            name = f"{gt_id}.png"
+            with open(os.path.join(pred_dir, name), "wb") as f:
+                f.write(id_map_png(decode_panoptic(row["panoptic"], row["height"], row["width"])))
+            predictions.append({"image_id": gt_id, "file_name": name, "segments_info": [
+                {"id": s["id"], "category_id": s["category_id"], "iscrowd": 0, "area": s["area"], "bbox": s["bbox"]}
+                for s in row["panoptic"]]})
+            if not local_gt:
+                gt_name = gt_anns[gt_id]["file_name"]
+                fs.get_file(f"{gt_root}/{gt_name}", os.path.join(copy_dir, gt_name))
+        subset = {**gt, "images": [i for i in gt["images"] if i["id"] in scored],
+                  "annotations": [gt_anns[i] for i in sorted(scored)]}
+        if not predictions:
+            return {name: {"PQ": None, "SQ": None, "RQ": None, "categories": 0} for name in ("All", "Things", "Stuff")}
+        try:
+            ev = PanopticEval(subset, {"annotations": predictions}, gt_folder=gt_root if local_gt else copy_dir,
+                              pred_folder=pred_dir)
+            with contextlib.redirect_stdout(io.StringIO()):
+                ev.evaluate()
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"panoptic evaluation against {gt_dir}: {e}") from None
+        res = ev.results()
+    return {name: _percent(res[name]) for name in ("All", "Things", "Stuff")}
 
 
-def _score_image(gt_map, pred_map, gt_segs, pred_segs, stats) -> None:
-    offset = int(pred_map.max()) + 1
-    pairs, counts = np.unique(gt_map.astype(np.int64) * offset + pred_map, return_counts=True)
-    inter = {(int(p // offset), int(p % offset)): int(c) for p, c in zip(pairs, counts)}
-    gt_area = {g: 0 for g in gt_segs}
-    pred_area = {p: 0 for p in pred_segs}
-    for (g, p), c in inter.items():
-        if g in gt_area:
-            gt_area[g] += c
-        if p in pred_area:
-            pred_area[p] += c
-    gt_matched, pred_matched = set(), set()
-    for (g, p), c in inter.items():
-        if g not in gt_segs or p not in pred_segs or gt_segs[g].get("iscrowd", 0):
-            continue
-        if gt_segs[g]["category_id"] != pred_segs[p]["category_id"]:
-            continue
-        union = pred_area[p] + gt_area[g] - c - inter.get((0, p), 0)
-        iou = c / union if union else 0.0
-        if iou > 0.5:
-            stat = stats[gt_segs[g]["category_id"]]
-            stat["tp"] += 1
-            stat["iou"] += iou
-            gt_matched.add(g)
-            pred_matched.add(p)
-    crowd = {seg["category_id"]: g for g, seg in gt_segs.items() if seg.get("iscrowd", 0)}
-    for g, seg in gt_segs.items():
-        if g not in gt_matched and not seg.get("iscrowd", 0):
-            stats[seg["category_id"]]["fn"] += 1
-    for p, seg in pred_segs.items():
-        if p in pred_matched or not pred_area[p]:
-            continue
-        ignored = inter.get((0, p), 0) + inter.get((crowd.get(seg["category_id"], -1), p), 0)
-        if ignored / pred_area[p] > 0.5:
-            continue
-        stats[seg["category_id"]]["fp"] += 1
-
-
-def _summarise_pq(stats: dict[int, dict[str, float]], isthing: dict[int, bool]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, keep in (("All", lambda c: True), ("Things", lambda c: isthing.get(c, True)),
-                       ("Stuff", lambda c: not isthing.get(c, True))):
-        pq = sq = rq = 0.0
-        cats = [c for c, s in stats.items() if keep(c) and s["tp"] + s["fp"] + s["fn"] > 0]
-        for c in cats:
-            s = stats[c]
-            denom = s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"]
-            pq += s["iou"] / denom
-            sq += s["iou"] / s["tp"] if s["tp"] else 0.0
-            rq += s["tp"] / denom
-        n = len(cats)
-        out[name] = {"PQ": round(100 * pq / n, 3) if n else None, "SQ": round(100 * sq / n, 3) if n else None,
-                     "RQ": round(100 * rq / n, 3) if n else None, "categories": n}
-    return out
+def _percent(values: dict[str, Any]) -> dict[str, Any]:
+    n = values["n"]
+    return {key.upper(): round(100 * values[key], 3) if n else None for key in ("pq", "sq", "rq")} | {"categories": n}
 
 
 def format_table(metrics: dict[str, Any]) -> str:
