@@ -1,25 +1,27 @@
-"""One annotation run: check everything that can be checked up front, run the graph, report."""
+"""One annotation run: check and pin everything up front, plan against the ledger, run, report."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import ray
 from fsspec.core import url_to_fs
 
-from batchseg import pipeline, report, runs
+from batchseg import inflight, ledger, pipeline, provenance, report, runs, sources
 from batchseg.config import ConfigError, JobConfig
 from batchseg.errors import one_line
 from batchseg.predictors.base import backend_class, weights_uri
-from batchseg.schema import ANNOTATIONS
+from batchseg.schema import ANNOTATIONS, LEDGER, RUNS
+from batchseg.sink import RunSink
+from batchseg.storage import join, write_json, write_text
 from batchseg.tasks import TASK_TABLE, allowed_ids
-from batchseg.storage import join, output_fs, write_json
-from batchseg.weights import WeightsError, resolve
+from batchseg.weights import WeightsError, WeightsRef, resolve
 
 log = logging.getLogger(__name__)
-RUNS = "runs"  # OUTPUT/runs/RUN_ID.json and RUN_ID.failed.jsonl ({"image_uri", "error"} lines)
 
 _INSTALL_HINTS = {
     "detectron2": "install detectron2 from its official source (README: detectron2 and DensePose) or use backend: torchvision",
@@ -27,12 +29,23 @@ _INSTALL_HINTS = {
 }
 
 
-def preflight(job: JobConfig) -> None:
+@dataclass(frozen=True)
+class Prepared:
+    """What preflight pinned: per task the weights' content, category table and fingerprint."""
+
+    weights: dict[str, WeightsRef | None]
+    categories: dict[str, dict[str, Any]]
+    fingerprints: dict[str, str]
+    provenance: dict[str, Any]
+
+
+def preflight(job: JobConfig) -> Prepared:
     """Raise ConfigError (one line, naming the fix) for anything that would fail later.
 
-    Imports each backend, resolves its model config and category table, checks that the
-    weights and inputs exist. Touches no image.
+    Imports each backend, resolves its model config and category table, pins the weights'
+    content, checks the inputs and the output. Touches no image.
     """
+    weights, categories, fingerprints, records = {}, {}, {}, {}
     for task in job.tasks:
         model = job.models[task]
         where = f"models.{task}"
@@ -40,7 +53,8 @@ def preflight(job: JobConfig) -> None:
             backend = backend_class(model.backend, task)
             backend.preprocessor(model)
             allowed_ids(task, model, backend)
-            weights = weights_uri(model, backend)
+            categories[task] = backend.categories(model).table()
+            uri = weights_uri(model, backend)
         except ImportError as e:
             raise ConfigError(f"{where}: backend {model.backend!r} needs the {e.name!r} package, which is not installed; "
                               + _INSTALL_HINTS.get(e.name or "", "install it")) from None
@@ -48,11 +62,13 @@ def preflight(job: JobConfig) -> None:
             raise ConfigError(f"{where}: backend {model.backend!r} not found: {e}") from None
         except Exception as e:
             raise ConfigError(f"{where}: {one_line(e)}") from None
-        if weights:
-            try:
-                resolve(weights, job.storage_options(weights), model.weights_sha256, job.allow_http_weights)
-            except WeightsError as e:
-                raise ConfigError(f"{where}.weights: {e}") from None
+        try:
+            weights[task] = resolve(uri, job.storage_options(uri), model.weights_sha256, job.allow_http_weights) if uri else None
+        except WeightsError as e:
+            raise ConfigError(f"{where}.weights: {e}") from None
+        fingerprints[task] = provenance.fingerprint(task, job, weights[task].identity() if weights[task] else None,
+                                                    categories[task])
+        records[task] = provenance.task_record(task, job, weights[task], fingerprints[task])
     for uri in job.inputs:
         try:
             fs, path = url_to_fs(uri, **job.storage_options(uri))
@@ -61,69 +77,72 @@ def preflight(job: JobConfig) -> None:
             raise ConfigError(f"input {uri} is not reachable: {one_line(e)}") from None
         if not found:
             raise ConfigError(f"input not found: {uri}")
+    _check_output(job)
+    return Prepared(weights, categories, fingerprints,
+                    {"batchseg_version": provenance.batchseg_version(), "tasks": records})
 
 
-def run(job: JobConfig) -> dict[str, Any]:
+def _check_output(job: JobConfig) -> None:
+    try:
+        fs, path = url_to_fs(job.output.rstrip("/"), **job.storage_options(job.output))
+        is_file = fs.isfile(path)
+    except Exception as e:
+        raise ConfigError(f"output {provenance.redact(job.output)} is not reachable: {one_line(e)}") from None
+    if is_file:
+        raise ConfigError(f"output {job.output} is a file; give a folder (it gets annotations/ and runs/)")
+
+
+def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
     """One run on the connected Ray cluster, under the output's lease.
 
-    Annotates the images no earlier run wrote at their current version (all of them with
-    overwrite) into OUTPUT/annotations/run=RUN_ID/, then writes OUTPUT/runs/RUN_ID.json (and
-    OUTPUT/run.json, the latest) and the run's failed list. Returns the run.json content.
+    Annotates what no earlier run did at its current version with the same models (all of it
+    with overwrite) into OUTPUT/annotations/run=RUN_ID/, and reports in OUTPUT/runs/RUN_ID.json
+    (written first with status "running", so the run's provenance exists while it writes)
+    and OUTPUT/run.json (the latest). Returns the report.
     """
+    prepared = prepared or preflight(job)
     run_id = runs.new_run_id()
     opts = job.storage_options(job.output)
     with runs.Lease(job.output, opts, run_id):
-        out_fs, out_root = url_to_fs(job.output.rstrip("/"), **opts)
         if job.overwrite:
-            for name in (ANNOTATIONS, RUNS, "run.json"):
-                if out_fs.exists(f"{out_root}/{name}"):
-                    out_fs.rm(f"{out_root}/{name}", recursive=True)
-        done = runs.done_keys(out_fs, f"{out_root}/{ANNOTATIONS}", job.retry_failed)
+            _delete_earlier_runs(job)
         started = time.time()
+        head = _head(job, run_id, prepared, started)
+        write_json(join(job.output, RUNS, f"{run_id}.json"), head, opts)
+        journal = inflight.start_journal()
+        done_ref, planned_ref = ledger.plan.remote(job.output, opts, prepared.fingerprints, job.retry_failed)
+        planned = ray.get(planned_ref)
         where = pipeline.place(job)
-        log.info("run %s: predictors %d..%d actor(s) on %s; %d images done earlier",
-                 run_id, where.actors, where.max_actors, where.device, len(done))
-        dataset = pipeline.build(job, where, done)
-        pipeline.write(dataset, job, run_id)
-        wall = time.time() - started
-        summary = _report(job, run_id, len(done), started, wall, where, dataset.stats())
+        roots = sources.distinct_roots(job.inputs) if hasattr(sources, "distinct_roots") else job.inputs
+        log.info("run %s: predictors %d..%d actor(s) on %s; %d images done earlier (ledger of %d runs)",
+                 run_id, where.actors, where.max_actors, where.device, planned["done"], planned["runs"])
+        sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks])
+        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, roots)
+        pipeline.write(dataset, sink)
+        summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
+                                 job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
+        write_text(join(job.output, RUNS, f"{run_id}.stats.txt"), dataset.stats(), opts)
+        for name in (f"{RUNS}/{run_id}.json", "run.json"):
+            write_json(join(job.output, name), summary, opts)
     return summary
 
 
-def _report(job: JobConfig, run_id: str, done_before: int, started: float, wall: float, where,
-            stats_text: str) -> dict[str, Any]:
-    fs, root = output_fs(job)
-    partition = f"{root}/{ANNOTATIONS}/run={run_id}"
-    counts = report.count_rows(fs, partition, [TASK_TABLE[t].column for t in job.tasks])
-    images = counts["images"]
-    fs.create_dir(f"{root}/{RUNS}", recursive=True)
-    with fs.open_output_stream(f"{root}/{RUNS}/{run_id}.failed.jsonl") as out:
-        report.write_failed(fs, partition, out)
-    with fs.open_output_stream(f"{root}/{RUNS}/{run_id}.stats.txt") as out:
-        out.write(stats_text.encode())
-    failed_fraction = images["failed"] / images["in"] if images["in"] else 0.0
-    over_budget = job.max_failed_fraction is not None and failed_fraction > job.max_failed_fraction
-    summary = {
+def _head(job: JobConfig, run_id: str, prepared: Prepared, started: float) -> dict[str, Any]:
+    """The part of the report known before any image: identity, provenance, config."""
+    return {
         "run_id": run_id,
-        "status": "failure_budget_exceeded" if over_budget else "ok",
-        **counts,
-        "done_before": done_before,
-        "failed_fraction": round(failed_fraction, 6),
-        "failed_list": join(job.output, RUNS, f"{run_id}.failed.jsonl"),
+        "status": "running",
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "wall_time_s": round(wall, 3),
-        "stages": report.stages(stats_text),  # Ray Data's per-operator figures; full text in RUN_ID.stats.txt
-        "images_per_s": round(images["in"] / wall, 3) if wall > 0 else None,
-        "device": where.device,
-        "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor},
-        "categories": {
-            task: backend_class(job.models[task].backend, task).categories(job.models[task]).table()
-            for task in job.tasks
-        },
-        "annotations": join(job.output, ANNOTATIONS, f"run={run_id}"),
+        "provenance": {**prepared.provenance, "run_id": run_id},
+        "categories": prepared.categories,
+        "annotations": join(provenance.redact(job.output), ANNOTATIONS, f"run={run_id}"),
         "versions": report.versions(),
-        "config": job.model_dump(mode="json"),
+        "config": provenance.redact_tree(job.model_dump(mode="json")),
     }
-    for name in (f"{RUNS}/{run_id}.json", "run.json"):
-        write_json(join(job.output, name), summary, job.storage_options(job.output))
-    return summary
+
+
+def _delete_earlier_runs(job: JobConfig) -> None:
+    fs, root = url_to_fs(job.output.rstrip("/"), **job.storage_options(job.output))
+    for name in (ANNOTATIONS, LEDGER, RUNS, "run.json"):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)

@@ -1,22 +1,25 @@
 """The Ray Data graph, and nothing else. Reads top to bottom like the data flow:
 
-  list (fsspec) -> read bytes -> decode + orient + resize -> predict + encode (actor pool)
-  -> write Parquet (the run's partition)
-Images an earlier run already wrote at the same version drop out at list / read.
+  list (fsspec pages, less what is done) -> read bytes (tar shards streamed) -> decode +
+  orient + resize -> predict + encode (actor pool) -> write (the run's partition + ledger)
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import ray
-import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
 from batchseg import stages
 from batchseg.config import JobConfig
-from batchseg.runs import AtomicParquetSink
+from batchseg.ledger import DoneSet
+from batchseg.sink import RunSink
+from batchseg.weights import WeightsRef
 
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,32 +33,46 @@ class Placement:
 
 
 def place(job: JobConfig) -> Placement:
-    """Resolve device "auto" and the pool size against the connected Ray cluster."""
+    """Resolve device "auto" and the pool size against the connected Ray cluster.
+
+    `cuda` never needs GPUs to be there already: on an autoscaling cluster whose GPU workers
+    start at zero, the pool's GPU requests are what makes the autoscaler add GPU nodes.
+    """
     gpus = ray.cluster_resources().get("GPU", 0)
-    device = job.device if job.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-    if device == "cuda" and gpus == 0:
-        raise RuntimeError("device is cuda but the Ray cluster has no GPUs; use --device cpu or add GPU nodes")
+    if job.device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+        log.info("device auto -> %s: the cluster has %g GPU(s) now%s", device, gpus,
+                 "" if gpus else "; on a cluster whose GPU workers scale from zero set device: cuda")
+    else:
+        device = job.device
+        if device == "cuda" and gpus == 0:
+            log.warning("device cuda: no GPU in the cluster yet; the predictor pool waits for the autoscaler to add one")
     per_gpu = max(1, int(gpus // job.gpus_per_actor)) if device == "cuda" else 1
     actors = job.num_actors or per_gpu
-    return Placement(device, actors, job.max_actors or actors, job.gpus_per_actor if device == "cuda" else 0)
+    return Placement(device, actors, max(job.max_actors or actors, actors), job.gpus_per_actor if device == "cuda" else 0)
 
 
-def build(job: JobConfig, where: Placement, done: np.ndarray) -> Dataset:
-    """`done`: sorted keys of the (URI, version) pairs earlier runs wrote (runs.done_keys)."""
+def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, WeightsRef | None],
+          journal: Any, roots: list[str]) -> Dataset:
+    """The run's dataset, not yet executed. `done`: what earlier runs finished (ledger.plan);
+    `journal`: the run's in-flight journal (batchseg.inflight)."""
     models = {task: job.models[task] for task in job.tasks}
-    ds = ray.data.from_items([{"root": uri} for uri in job.inputs])
-    ds = ds.flat_map(stages.list_root, fn_kwargs={"storage": job.s3, "done": done})
+    ds = ray.data.from_items([{"root": uri} for uri in roots], override_num_blocks=len(roots))
+    ds = ds.map_batches(  # one root per task; pages stream out as the store returns them
+        stages.list_roots, fn_kwargs={"storage": job.s3, "done": done}, batch_size=1, num_cpus=0.25
+    )
     ds = ds.repartition(target_num_rows_per_block=job.read_rows_per_block)
     ds = ds.map_batches(  # I/O bound: a quarter CPU each keeps many reads in flight
-        stages.read_batch, fn_kwargs={"storage": job.s3, "done": done}, batch_size=None, num_cpus=0.25,
+        stages.read_batch, fn_kwargs={"storage": job.s3, "done": done, "rows_per_batch": job.read_rows_per_block},
+        batch_size=None, num_cpus=0.25,
     )
     ds = ds.map_batches(  # CPU bound; fused into the actor only when it asks for no GPU
-        stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels}, batch_size=None,
-        num_cpus=1,
+        stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels, "journal": journal},
+        batch_size=None, num_cpus=1,
     )
     ds = ds.map_batches(
         stages.Annotate,
-        fn_constructor_kwargs={"job": job, "device": where.device},
+        fn_constructor_kwargs={"job": job, "device": where.device, "weights": weights, "journal": journal},
         compute=ActorPoolStrategy(min_size=where.actors, max_size=where.max_actors),
         batch_size=max([job.batch_size] + [m.batch_size or 0 for m in models.values()]),
         num_gpus=where.gpus_per_actor,
@@ -64,6 +81,6 @@ def build(job: JobConfig, where: Placement, done: np.ndarray) -> Dataset:
     return ds
 
 
-def write(ds: Dataset, job: JobConfig, run_id: str) -> None:
-    """Into OUTPUT/annotations/run=RUN_ID/, one atomically written file per write task."""
-    ds.write_datasink(AtomicParquetSink(job.output, job.storage_options(job.output), run_id, job.rows_per_file))
+def write(ds: Dataset, sink: RunSink) -> None:
+    """Execute: stream every row into the run's partition (sink.counts adds up what landed)."""
+    ds.write_datasink(sink)

@@ -1,64 +1,45 @@
-"""run.json: what a run did, read back from what it wrote.
-
-Counts come from the Parquet files on disk (only the `error` column and the task columns'
-category-id leaves are read, never the masks), so run.json cannot disagree with the dataset.
-"""
+"""run.json: what a run did. Counts come from the write tasks (batchseg.sink), each counting
+the rows it committed, so run.json agrees with the dataset without a driver pass over it."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import re
-from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import pyarrow
-import pyarrow.compute as pc
-import pyarrow.fs
-import pyarrow.parquet as pq
 
 _PACKAGES = ("batchseg", "torch", "torchvision", "detectron2", "ray", "pyarrow", "pycocotools")
 
 
-def count_rows(fs: pyarrow.fs.FileSystem, path: str, columns: list[str]) -> dict[str, Any]:
-    """Stream the Parquet files under `path`: images in / annotated / failed, and for each task
-    column the number of found items (instances, segments, people) in all and per category."""
-    images = failed = 0
-    found: dict[str, Counter[int]] = {c: Counter() for c in columns}
-    leaves = [f"{c}.list.element.category_id" for c in columns]  # read alone, never the masks
-    for batch in _batches(fs, path, ["error", *leaves]):
-        images += batch.num_rows
-        failed += batch.num_rows - batch.column("error").null_count
-        for c in columns:
-            ids = pc.struct_field(pc.list_flatten(batch.column(c)), [0])
-            for entry in pc.value_counts(ids).to_pylist():
-                found[c][entry["values"]] += entry["counts"]
+def summary(head: dict[str, Any], counts: dict[str, Any], planned: dict[str, Any], wall: float, where: Any,
+            stats_text: str, max_failed_fraction: float | None, failed_list: str) -> dict[str, Any]:
+    """The finished run's report: `head` (identity, provenance, config) plus what landed.
+
+    counts: the sink's totals (batchseg.sink.count, added up over write tasks).
+    planned: ledger.plan's figures. where: the pipeline's Placement.
+    """
+    images = counts["images"]
+    failed_fraction = images["failed"] / images["in"] if images["in"] else 0.0
+    over_budget = max_failed_fraction is not None and failed_fraction > max_failed_fraction
     return {
-        "images": {"in": images, "annotated": images - failed, "failed": failed},
+        **head,
+        "status": "failure_budget_exceeded" if over_budget else "ok",
+        "images": images,
+        "failed_by_kind": counts["failed_by_kind"],
         "found": {
-            c: {"total": sum(n.values()), "per_category": {str(k): v for k, v in sorted(n.items())}}
-            for c, n in found.items()
+            column: {"total": sum(n.values()), "per_category": dict(sorted(n.items(), key=lambda kv: int(kv[0])))}
+            for column, n in counts["found"].items()
         },
+        "done_before": planned["done"],
+        "ledger": planned,
+        "failed_fraction": round(failed_fraction, 6),
+        "failed_list": failed_list,
+        "wall_time_s": round(wall, 3),
+        "stages": stages(stats_text),  # Ray Data's per-operator figures; full text in RUN_ID.stats.txt
+        "images_per_s": round(images["in"] / wall, 3) if wall > 0 else None,
+        "device": where.device,
+        "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor},
     }
-
-
-def write_failed(fs: pyarrow.fs.FileSystem, path: str, out: pyarrow.fs.OutputStream) -> int:
-    """Stream `{"image_uri", "error"}` JSON lines of the failed rows under `path` into `out`."""
-    count = 0
-    for batch in _batches(fs, path, ["image_uri", "error"]):
-        for row in batch.filter(pc.is_valid(batch.column("error"))).to_pylist():
-            out.write((json.dumps(row) + "\n").encode())
-            count += 1
-    return count
-
-
-def _batches(fs: pyarrow.fs.FileSystem, path: str, columns: list[str]) -> Iterator[pyarrow.RecordBatch]:
-    """`columns` (leaf paths allowed) of every Parquet file under `path`, batch by batch."""
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)):
-        if info.is_file and info.path.endswith(".parquet"):
-            with fs.open_input_file(info.path) as f:
-                yield from pq.ParquetFile(f).iter_batches(columns=columns)
 
 
 _STAGE = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed, (?P<blocks>\d+) blocks produced in (?P<wall>[\d.]+)s", re.M)

@@ -1,94 +1,163 @@
-"""The pipeline's stages as plain functions and one callable class; no Ray in here.
+"""The pipeline's stages as plain functions and one callable class; no Ray graph in here.
 
 Each batch is a dict of equal-length numpy arrays (Ray Data's "numpy" batch format).
 Columns grow as a row moves along:
   list      uri, size, version, is_shard
-  read      uri, size, version, data (bytes), error (str | None)
-  decode    uri, size, version, error, height, width, image_0.. ((h, w, 3) uint8 model inputs)
-  annotate  -> pyarrow Table with schema.ROW
-A failure at any stage sets `error` and the row rides along to the end; nothing is dropped.
+  read      uri, size, version, key, members, data (bytes), error, error_kind
+  decode    uri, size, version, key, members, error, error_kind, height, width,
+            image_0.. ((h, w, 3) uint8 model inputs)
+  annotate  -> pyarrow Table: schema.ROW plus `_key` and `_members` for the sink
+`key` is the row's done key (batchseg.ledger). `members` is -1 for an image and, for the
+marker row a tar shard ends with, the number of images in the shard (the ledger records
+the shard as read). A failure at any stage sets `error` and `error_kind` (batchseg.failures)
+and the row rides along to the end; nothing is dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from batchseg import sources
+from batchseg import failures, inflight, sources
 from batchseg.config import JobConfig, ModelConfig, StorageConfig
 from batchseg.errors import one_line
 from batchseg.imaging import DecodeError, decode_rgb
-from batchseg.runs import is_done
-from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, preprocess_plan, weights_uri
+from batchseg.ledger import DoneSet, done_key, done_keys_of
+from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, preprocess_plan
 from batchseg.schema import ROW, image_id
 from batchseg.tasks import TASK_TABLE, allowed_ids
-from batchseg.weights import fetch, resolve
+from batchseg.weights import WeightsRef, fetch
 
 log = logging.getLogger(__name__)
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
+READ_COLUMNS = ("uri", "size", "version", "key", "members", "data", "error", "error_kind")
+MAX_READ_BATCH_BYTES = 256 * 2**20  # a read task's output batch: bounded whatever the shard size
 
 
-def list_root(row: dict[str, Any], storage: StorageConfig, done: np.ndarray) -> Iterator[dict[str, Any]]:
-    """{"root": uri} -> one row per image file or tar shard under it, less the image files an
-    earlier run already wrote at this version (`done`: runs.done_keys)."""
-    for entry in sources.list_sources(row["root"], storage.options(row["root"])):
-        if entry["is_shard"] or not is_done(done, entry["uri"], entry["version"]):
-            yield entry
+def list_roots(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneSet) -> Iterator[dict[str, np.ndarray]]:
+    """{"root": URIs} -> pages of {uri, size, version, is_shard}, less what is done: image files
+    an earlier run wrote at this version, and tar shards whose images are all done."""
+    for root in batch["root"]:
+        for page in _pages(sources.list_sources(str(root), storage.options(str(root)))):
+            yield not_done(_columnar(page), done)
 
 
-def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: np.ndarray) -> dict[str, np.ndarray]:
-    """Read each file's bytes; expand each tar shard into one row per image member (less the
-    members an earlier run already wrote: a shard can be cut short by a crash)."""
-    out: dict[str, list[Any]] = {"uri": [], "size": [], "version": [], "data": [], "error": []}
+def _pages(entries: Iterator[dict[str, Any]], size: int = 1000) -> Iterator[list[dict[str, Any]]]:
+    page: list[dict[str, Any]] = []
+    for entry in entries:
+        page.append(entry)
+        if len(page) == size:
+            yield page
+            page = []
+    if page:
+        yield page
 
-    def emit(uri: str, size: int, version: str, data: bytes, error: str | None) -> None:
-        for key, value in zip(out, (uri, size, version, data, error)):
-            out[key].append(value)
 
+def not_done(page: dict[str, np.ndarray], done: DoneSet) -> dict[str, np.ndarray]:
+    keep = ~done.contains(done_keys_of(page["uri"], page["version"]))
+    return {k: v[keep] for k, v in page.items()}
+
+
+def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneSet,
+               rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Read each file's bytes; expand each tar shard into its image members (less those already
+    done: a shard can be cut short by a crash), then a marker row counting them. Yields
+    batches of at most `rows_per_batch` rows and MAX_READ_BATCH_BYTES, so a task holds one
+    batch of bytes whatever the shard sizes."""
+    out = _Batcher(rows_per_batch)
     for uri, size, version, is_shard in zip(batch["uri"], batch["size"], batch["version"], batch["is_shard"]):
+        uri, version = str(uri), str(version)
+        opts = storage.options(uri)
+        if not is_shard:
+            try:
+                data = failures.retry_transient(lambda: sources.read_bytes(uri, opts))
+                yield from out.add(uri, size, version, -1, data, None, None)
+            except Exception as e:
+                yield from out.add(uri, size, version, -1, b"", f"read failed: {one_line(e)}", failures.read_failure_kind(e))
+            continue
+        members = 0
         try:
-            if is_shard:
-                for member_uri, member_size, data in sources.iter_shard(uri, storage.options(uri)):
-                    if not is_done(done, member_uri, version):
-                        emit(member_uri, member_size, version, data, None)
-            else:
-                emit(uri, size, version, sources.read_bytes(uri, storage.options(uri)), None)
-        except Exception as e:  # the shard/file becomes an error row; members read so far stay
-            emit(uri, size, version, b"", f"read failed: {one_line(e)}")
-    return _columns(out)
+            for member_uri, member_size, data in sources.iter_shard(uri, opts):
+                members += 1
+                if not done.contains(np.array([done_key(member_uri, version)]))[0]:
+                    yield from out.add(member_uri, member_size, version, -1, data, None, None)
+        except Exception as e:  # the shard becomes an error row; members read so far stay
+            yield from out.add(uri, size, version, -1, b"", f"read failed: {one_line(e)}", failures.read_failure_kind(e))
+            continue
+        yield from out.add(uri, size, version, members, b"", None, None)
+    yield from out.flush()
 
 
-def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], max_pixels: int) -> dict[str, np.ndarray]:
+class _Batcher:
+    """Collects read rows into bounded output batches."""
+
+    def __init__(self, rows_per_batch: int) -> None:
+        self.rows_per_batch, self.rows, self.bytes = rows_per_batch, [], 0
+
+    def add(self, uri: str, size: int, version: str, members: int, data: bytes, error: str | None,
+            kind: str | None) -> Iterator[dict[str, np.ndarray]]:
+        self.rows.append((uri, int(size), version, done_key(uri, version), members, data, error, kind))
+        self.bytes += len(data)
+        if len(self.rows) >= self.rows_per_batch or self.bytes >= MAX_READ_BATCH_BYTES:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.rows:
+            columns = list(zip(*self.rows))
+            self.rows, self.bytes = [], 0
+            yield {
+                "uri": _object_array(columns[0]), "size": np.asarray(columns[1], np.int64),
+                "version": _object_array(columns[2]), "key": np.asarray(columns[3], np.int64),
+                "members": np.asarray(columns[4], np.int32), "data": _object_array(columns[5]),
+                "error": _object_array(columns[6]), "error_kind": _object_array(columns[7]),
+            }
+
+
+def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], max_pixels: int,
+                 journal: Any = None) -> dict[str, np.ndarray]:
     """bytes -> upright RGB -> each distinct model input (`image_0`, `image_1`, ...).
 
     Records the original size; see preprocess_plan for which task reads which image column.
+    Guarded by the run's in-flight journal (batchseg.inflight; None: unguarded): an image that kills the decoding process
+    repeatedly becomes an error row.
     """
     preprocessors, _ = preprocess_plan(models)
-    images: list[list[np.ndarray]] = [[] for _ in preprocessors]
-    heights, widths, errors = [], [], []
-    for data, error in zip(batch["data"], map(_text, batch["error"])):
-        inputs, height, width = [_NO_IMAGE] * len(preprocessors), -1, -1
-        if error is None:
+    errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
+    todo = [i for i in range(len(errors)) if errors[i] is None and batch["members"][i] < 0]
+
+    def decode(indices: list[int]) -> list[tuple[list[np.ndarray], int, int, str | None, str | None]]:
+        out = []
+        for i in indices:
             try:
-                rgb = decode_rgb(data, max_pixels)
-                height, width = rgb.shape[:2]
-                inputs = [prep(rgb) for prep in preprocessors]
+                rgb = decode_rgb(batch["data"][todo[i]], max_pixels)
+                out.append(([prep(rgb) for prep in preprocessors], *rgb.shape[:2], None, None))
             except Exception as e:
-                error = str(e) if isinstance(e, DecodeError) else one_line(e)
-                height, width = -1, -1
+                out.append(([_NO_IMAGE] * len(preprocessors), -1, -1, _decode_error(e), failures.decode_failure_kind(e)))
+        return out
+
+    def given_up(i: int):
+        return [_NO_IMAGE] * len(preprocessors), -1, -1, "decode killed its worker repeatedly", failures.MODEL
+
+    decoded = inflight.guarded(journal, [int(batch["key"][i]) for i in todo], decode, given_up)
+    images = [[_NO_IMAGE] * len(errors) for _ in preprocessors]
+    heights, widths = np.full(len(errors), -1, np.int32), np.full(len(errors), -1, np.int32)
+    for i, (inputs, h, w, error, kind) in zip(todo, decoded):
         for column, image in zip(images, inputs):
-            column.append(image)
-        heights.append(height)
-        widths.append(width)
-        errors.append(error)
-    out = {k: batch[k] for k in ("uri", "size", "version")}
-    out.update(error=_object_array(errors), height=np.asarray(heights, np.int32), width=np.asarray(widths, np.int32))
+            column[i] = image
+        heights[i], widths[i], errors[i], kinds[i] = h, w, error, kind
+    out = {k: batch[k] for k in ("uri", "size", "version", "key", "members")}
+    out.update(error=_object_array(errors), error_kind=_object_array(kinds), height=heights, width=widths)
     out.update({f"image_{k}": _object_array(column) for k, column in enumerate(images)})
     return out
+
+
+def _decode_error(e: Exception) -> str:
+    return str(e) if isinstance(e, DecodeError) else one_line(e)
 
 
 class Annotate:
@@ -96,17 +165,23 @@ class Annotate:
     (in chunks of the task's batch size) over the same decoded images -> encoded rows.
 
     If a batched forward raises, its images are retried alone so that one bad image becomes
-    one error row instead of failing its whole batch.
+    one error row ("model") instead of failing its batch; out of GPU memory, the chunk is
+    halved down to one image ("transient" if even that fails). A CUDA fault that poisons the
+    context ends the process, so Ray starts a fresh actor; the in-flight journal isolates the
+    image that caused it.
     """
 
-    def __init__(self, job: JobConfig, device: str) -> None:
+    def __init__(self, job: JobConfig, device: str, weights: dict[str, WeightsRef | None] | None = None,
+                 journal: Any = None) -> None:
+        """weights: per task, what preflight pinned (None: random init); journal: see inflight."""
         self.models = {task: job.models[task] for task in job.tasks}
         _, self.image_column = preprocess_plan(self.models)
+        self.device, self.journal = device, journal
         self.backends, self.allowed = {}, {}
         for task, cfg in self.models.items():
             backend = backend_class(cfg.backend, task)
-            uri = weights_uri(cfg, backend)
-            local = fetch(resolve(uri, job.storage_options(uri), cfg.weights_sha256, job.allow_http_weights), job.storage_options(uri)) if uri else None
+            ref = (weights or {}).get(task)
+            local = fetch(ref, job.storage_options(ref.uri)) if ref else None
             self.backends[task] = backend(cfg, local, device, job.precision)
             self.allowed[task] = allowed_ids(task, cfg, backend)
             log.info("loaded %s model %s on %s", task, cfg.model, device)
@@ -114,41 +189,51 @@ class Annotate:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
-        errors = [_text(e) for e in batch["error"]]
-        cells: dict[str, dict[int, Any]] = {task: {} for task in self.models}
-        for task, backend in self.backends.items():
-            todo = [i for i in range(n) if errors[i] is None]
-            column = batch[f"image_{self.image_column[task]}"]
-            inputs = [
-                ModelInput(str(batch["uri"][i]), column[i], int(batch["height"][i]), int(batch["width"][i]))
-                for i in todo
-            ]
-            spec, cfg = TASK_TABLE[task], self.models[task]
-            for i, result in zip(todo, self._predict(backend, inputs, self.batch_size[task])):
-                if isinstance(result, Exception):
-                    errors[i] = f"{task}: predict failed: {one_line(result)}"
-                    continue
-                try:
-                    cells[task][i] = spec.encode(result, cfg.score_threshold, self.allowed[task])
-                except Exception as e:
-                    errors[i] = f"{task}: encode failed: {one_line(e)}"
+        errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
+        todo = [i for i in range(n) if errors[i] is None and batch["members"][i] < 0]
+        outcomes = inflight.guarded(self.journal, [int(batch["key"][i]) for i in todo],
+                                    lambda idx: self._annotate(batch, [todo[j] for j in idx]),
+                                    lambda j: ({}, "predict killed its worker repeatedly", failures.MODEL))
+        cells: dict[int, dict[str, Any]] = {}
+        for i, (cell, error, kind) in zip(todo, outcomes):
+            cells[i], errors[i], kinds[i] = cell, error, kind
         rows = []
         for i in range(n):
             uri = str(batch["uri"][i])
             decoded = batch["height"][i] > 0
             row = {
-                "image_id": image_id(uri),
-                "image_uri": uri,
+                "image_id": image_id(uri), "image_uri": uri,
                 "width": int(batch["width"][i]) if decoded else None,
                 "height": int(batch["height"][i]) if decoded else None,
-                "source_size": int(batch["size"][i]),
-                "source_version": str(batch["version"][i]),
-                "error": errors[i],
+                "source_size": int(batch["size"][i]), "source_version": str(batch["version"][i]),
+                "error": errors[i], "error_kind": kinds[i],
+                "_key": int(batch["key"][i]), "_members": int(batch["members"][i]),
             }
-            for task in self.models:
-                row[TASK_TABLE[task].column] = cells[task].get(i) if errors[i] is None else None
+            if errors[i] is None and batch["members"][i] < 0:
+                row.update({TASK_TABLE[task].column: cells[i][task] for task in self.models})
             rows.append(row)
-        return pa.Table.from_pylist(rows, schema=ROW)
+        return pa.Table.from_pylist(rows, schema=OUTPUT)
+
+    def _annotate(self, batch: dict[str, np.ndarray], indices: list[int]) -> list[tuple[dict[str, Any], str | None, str | None]]:
+        """(cells by task, error, error_kind) for each image at `indices`."""
+        cells: list[dict[str, Any]] = [{} for _ in indices]
+        errors: list[tuple[str, str] | None] = [None] * len(indices)
+        for task, backend in self.backends.items():
+            todo = [j for j in range(len(indices)) if errors[j] is None]
+            column = batch[f"image_{self.image_column[task]}"]
+            inputs = [ModelInput(str(batch["uri"][indices[j]]), column[indices[j]], int(batch["height"][indices[j]]),
+                                 int(batch["width"][indices[j]])) for j in todo]
+            spec, cfg = TASK_TABLE[task], self.models[task]
+            for j, result in zip(todo, self._predict(backend, inputs, self.batch_size[task])):
+                if isinstance(result, Exception):
+                    kind = failures.TRANSIENT if failures.is_out_of_memory(result) else failures.MODEL
+                    errors[j] = (f"{task}: predict failed: {one_line(result)}", kind)
+                    continue
+                try:
+                    cells[j][task] = spec.encode(result, cfg.score_threshold, self.allowed[task])
+                except Exception as e:
+                    errors[j] = (f"{task}: encode failed: {one_line(e)}", failures.MODEL)
+        return [(c, *(e or (None, None))) for c, e in zip(cells, errors)]
 
     def _predict(self, backend: Backend, inputs: list[ModelInput], batch_size: int) -> list[Result | Exception]:
         out: list[Result | Exception] = []
@@ -157,12 +242,30 @@ class Annotate:
             try:
                 out += list(backend.predict(chunk))
             except Exception as e:
+                if self.device.startswith("cuda") and failures.poisons_cuda(e) and not failures.is_out_of_memory(e):
+                    log.error("CUDA context poisoned (%s); restarting the predictor process", one_line(e))
+                    os._exit(70)
                 if len(chunk) == 1:
                     out.append(e)
                     continue
-                log.warning("batched forward failed (%s); retrying %d images one at a time", one_line(e), len(chunk))
-                out += [self._predict(backend, [x], 1)[0] for x in chunk]
+                smaller = max(1, len(chunk) // 2) if failures.is_out_of_memory(e) else 1
+                log.warning("batched forward of %d failed (%s); retrying %d at a time", len(chunk), one_line(e), smaller)
+                _free_device_memory()
+                out += self._predict(backend, chunk, smaller)
         return out
+
+
+OUTPUT = ROW.append(pa.field("_key", pa.int64())).append(pa.field("_members", pa.int32()))
+
+
+def _free_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def _text(value: Any) -> str | None:
@@ -170,17 +273,15 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _object_array(values: list[Any]) -> np.ndarray:
+def _object_array(values) -> np.ndarray:
     arr = np.empty(len(values), dtype=object)
-    arr[:] = values
+    arr[:] = list(values)
     return arr
 
 
-def _columns(out: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+def _columnar(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Listing rows -> the list stage's columns."""
     return {
-        "uri": np.asarray(out["uri"], dtype=object),
-        "size": np.asarray(out["size"], dtype=np.int64),
-        "version": np.asarray(out["version"], dtype=object),
-        "data": _object_array(out["data"]),
-        "error": _object_array(out["error"]),
+        "uri": _object_array([r["uri"] for r in rows]), "size": np.asarray([r["size"] for r in rows], np.int64),
+        "version": _object_array([r["version"] for r in rows]), "is_shard": np.asarray([r["is_shard"] for r in rows], bool),
     }

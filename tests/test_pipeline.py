@@ -117,7 +117,8 @@ def _batch(samples, names):
     return {
         "uri": np.array([f"file://{samples.root / n}" for n in names], object),
         "size": np.zeros(len(names), np.int64), "version": np.array(["v"] * len(names), object),
-        "error": np.array([None] * len(names), object),
+        "error": np.array([None] * len(names), object), "error_kind": np.array([None] * len(names), object),
+        "key": np.arange(len(names), dtype=np.int64), "members": np.full(len(names), -1, np.int32),
         "image_0": np.array(imgs + [None], object)[:-1],
         "height": np.array([i.shape[0] for i in imgs], np.int32), "width": np.array([i.shape[1] for i in imgs], np.int32),
     }
@@ -131,7 +132,7 @@ def _annotator():
 def test_one_forward_per_batch(samples):
     ColorKeyBackend.calls.clear()
     table = _annotator()(_batch(samples, ["street/scene_a.png", "park/scene_c.bmp", "odd/one_pixel.png"]))
-    assert ColorKeyBackend.calls == [3] and table.num_rows == 3 and table.schema == ROW
+    assert ColorKeyBackend.calls == [3] and table.num_rows == 3 and table.select(ROW.names).schema == ROW
 
 
 def test_failed_batched_forward_retries_images_alone(samples, monkeypatch):
@@ -148,4 +149,5 @@ def test_failed_batched_forward_retries_images_alone(samples, monkeypatch):
     rows = annotate(_batch(samples, ["street/scene_a.png", "odd/one_pixel.png", "park/scene_c.bmp"])).to_pylist()
     assert [r["error"] is None for r in rows] == [True, False, True]
     assert rows[1]["error"] == "instance: predict failed: RuntimeError: CUDA error: an illegal memory access"
+    assert rows[1]["error_kind"] == "model"  # on CPU a "CUDA error" is just an error of this image
     assert len(rows[0]["instances"]) == 2
