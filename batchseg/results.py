@@ -52,6 +52,7 @@ class SeenIds:
 
     def add(self, ids: np.ndarray) -> None:
         new = np.unique(ids)
+        new = new[~self.contains(new)]  # levels stay disjoint, so len() counts each id once
         while self.levels and len(self.levels[-1]) <= len(new):
             new = np.union1d(self.levels.pop(), new)
         if len(new):
