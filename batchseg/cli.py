@@ -303,23 +303,34 @@ def _export(args: argparse.Namespace, write: Callable[[argparse.Namespace], dict
         print(f"batchseg: wrote {args.dest.rstrip('/')}/{name} ({count} items)")
     for key, value in summary.items():
         if files is not summary and key != "files":
+            if isinstance(value, dict):  # e.g. polygons: converted 8, iou mean 1.0, iou min 1.0
+                value = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
             print(f"batchseg: {key.replace('_', ' ')}: {value}")
     return EXIT_OK
 
 
 def add_export_coco(formats: argparse._SubParsersAction) -> None:
-    _export_format(formats, "coco", "COCO JSON: dataset form (to import) and results form (for COCOeval)", """\
+    parser = _export_format(formats, "coco", "COCO JSON: dataset form (to import) and results form (for COCOeval)", """\
   instances.json, instances_results.json                 instance masks (RLE), boxes, scores
   person_keypoints.json, person_keypoints_results.json   17 COCO keypoints, names and skeleton
   panoptic.json, panoptic/IMAGE_ID.png                   segment ids as R + 256 G + 256^2 B
   densepose_results.json                                 DensePose charts, as DensePose's own results
-Only the files of the tasks the run had; failed images are left out.""", _write_coco)
+Only the files of the tasks the run had; failed images are left out. instances.json leaves out
+instances whose mask is empty (counted as "skipped empty"); instances_results.json keeps them.""",
+        _write_coco)
+    _polygons_flag(parser)
 
 
 def _write_coco(args: argparse.Namespace) -> dict[str, Any]:
     from batchseg.exports.coco import export_coco
 
-    return export_coco(_open_results(args), args.dest, _storage(args).options(args.dest))
+    return export_coco(_open_results(args), args.dest, _storage(args).options(args.dest), polygons=args.polygons)
+
+
+def _polygons_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--polygons", action="store_true",
+                        help="instance masks as COCO polygons instead of RLE (holes kept through zero-width "
+                             "slits); prints the mask IoU kept, mean and worst, measured with pycocotools")
 
 
 def add_export_labelstudio(formats: argparse._SubParsersAction) -> None:
@@ -351,24 +362,47 @@ def _write_labelstudio(args: argparse.Namespace) -> dict[str, int]:
 
 
 def add_export_cvat(formats: argparse._SubParsersAction) -> None:
-    _export_format(formats, "cvat", "CVAT import archives (Upload annotations)", """\
-  cvat_coco_instances.zip   format "COCO 1.0": instance masks as RLE, boxes
+    parser = _export_format(formats, "cvat", "CVAT import archives (Upload annotations)", """\
+  cvat_coco_instances.zip   format "COCO 1.0": instance masks as RLE (or --polygons), boxes
   cvat_coco_keypoints.zip   format "COCO Keypoints 1.0": people with 17 keypoints
 Image file names are relative to the run's input folders: make the CVAT task from the same
-folder layout.""", _write_cvat)
+folder layout. Instances whose mask is empty are left out (counted as "skipped empty").""", _write_cvat)
+    _polygons_flag(parser)
 
 
 def _write_cvat(args: argparse.Namespace) -> dict[str, Any]:
     from batchseg.exports.cvat import export_cvat
 
-    return export_cvat(_open_results(args), args.dest, _storage(args).options(args.dest))
+    return export_cvat(_open_results(args), args.dest, _storage(args).options(args.dest), polygons=args.polygons)
 
 
-# One function per format, in the order `export --help` lists them (fiftyone goes here).
+def add_export_fiftyone(formats: argparse._SubParsersAction) -> None:
+    parser = _export_format(formats, "fiftyone", "a FiftyOne dataset, imported with one call", """\
+  samples.json             one sample per image: instances (Detections with masks), panoptic
+                           (Segmentation) and panoptic_things, keypoints, densepose; run,
+                           image_id, review_priority; model_version and weights_sha256 per label
+  fields/panoptic/*.png    category id per pixel
+  metadata.json            mask targets, keypoint skeleton, each run's provenance
+Import:  fo.Dataset.from_dir(DEST, dataset_type=fo.types.FiftyOneDataset, dynamic=True)
+Local images keep their path; map remote ones to where they are mounted with --url-map.""",
+        _write_fiftyone)
+    parser.add_argument("--url-map", action="append", default=[], metavar="PREFIX=PATH",
+                        help="rewrite image URIs starting with PREFIX, e.g. s3://lake/=/mnt/lake/; repeatable")
+
+
+def _write_fiftyone(args: argparse.Namespace) -> dict[str, Any]:
+    from batchseg.exports.fiftyone import export_fiftyone
+
+    url_map = [_pair(m) for m in args.url_map]
+    return export_fiftyone(_open_results(args), args.dest, _storage(args).options(args.dest), url_map=url_map)
+
+
+# One function per format, in the order `export --help` lists them.
 EXPORT_FORMATS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export_coco,
     add_export_labelstudio,
     add_export_cvat,
+    add_export_fiftyone,
 ]
 
 

@@ -329,3 +329,10 @@ def test_cvat_archives_import_with_datumaro(hand, tmp_path, polygons):
 
 def polygon_mask(polygons, height, width):
     return mask_util.decode(polygons_to_rle(polygons, height, width)).astype(bool)
+
+
+def test_cli_export_polygons_reports_the_iou_kept(hand, tmp_path):
+    cmd = [sys.executable, "-m", "batchseg", "export", "cvat", hand.uri, str(tmp_path), "--polygons"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == ["batchseg: skipped empty: 4", "batchseg: polygons: converted 8, iou mean 1.0, iou min 1.0"]

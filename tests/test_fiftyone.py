@@ -8,6 +8,8 @@ fiftyone itself in a temporary folder. Locally the tests skip without fiftyone; 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -113,3 +115,16 @@ def test_boxes_land_on_the_intended_pixels_under_fiftyones_rounding(width):
             mask[1:3, x0:x1] = True
             (rx, ry, rw, rh), crop = box_and_mask([x0 + 0.3, 1.0, x1 - x0 - 0.6, 2.0], encode_mask(mask), width, height)
             assert int(width * rx) == x0 and int(width * (rx + rw)) == x1 and crop.all() and crop.shape == (2, x1 - x0)
+
+
+def test_cli_export_fiftyone_prints_what_it_wrote(fo, hand, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "batchseg", "export", "fiftyone", hand.uri, str(tmp_path / "fo")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"batchseg: wrote {tmp_path / 'fo'}/samples.json (4 items)",
+        "batchseg: labels: instances 8, panoptic 4, panoptic things 8, keypoints 4",
+        "batchseg: skipped empty: 4",
+        "batchseg: not local: 0",
+    ]
+    assert len(_import(fo, tmp_path / "fo")) == 4
