@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup samples clean
+.PHONY: demo test setup samples clean labelstudio
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,18 @@ demo: samples
 	$(BIN)/batchseg run --config jobs/configs/local-demo.yaml
 	@echo "annotations: out/demo/annotations  summary: out/demo/run.json"
 
-test: setup $(DATUMARO)/.installed
+# The Label Studio server tests/test_labelstudio_push.py starts on 127.0.0.1; its pins clash with ours.
+LABELSTUDIO := .venv-labelstudio
+$(LABELSTUDIO)/.installed: requirements/labelstudio.txt
+	$(PYTHON) -m venv $(LABELSTUDIO)
+	$(LABELSTUDIO)/bin/pip install --quiet --upgrade pip
+	$(LABELSTUDIO)/bin/pip install --quiet -r requirements/labelstudio.txt
+	touch $@
+
+labelstudio: $(LABELSTUDIO)/.installed
+
+test: setup $(DATUMARO)/.installed $(LABELSTUDIO)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DATUMARO) samples out
+	rm -rf $(VENV) $(DATUMARO) $(LABELSTUDIO) samples out

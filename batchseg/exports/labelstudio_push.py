@@ -1,0 +1,347 @@
+"""Push results into a live Label Studio: `batchseg push labelstudio RESULTS --url URL --project NAME|ID`.
+
+- Project: an int is a project id (it must exist); a name is a title, created with
+  `labeling_config(...)` when no project has it.
+- Worst first: tasks are imported in descending `review_priority` (rows without one last, in
+  dataset order). `WorstFirst` reads every row once into a local spool file and keeps 16 bytes
+  per row in memory (priority and file offset), then reads the rows back in order: memory is
+  flat in the row count apart from those 16 bytes, and the dataset is read once
+  (benchmarks/labelstudio_order.py measures it).
+- Idempotent: a task is found by `data.image_id` (exact 64-bit match through Label Studio's
+  Data Manager `in_list` filter, one query per lookup batch, never a download of the project).
+  A task that already holds this run's predictions is skipped; one holding an older run's gets
+  its predictions replaced (Data Manager action `delete_tasks_predictions`, then a bulk
+  prediction import) and its data updated (`batchseg_run` last: it marks the replacement
+  done). Annotations made by people are never touched. Lookups are skipped while the project
+  was empty when the push began (every task is then new) except to verify a retried import.
+- Chunks: at most `chunk_size` tasks and `max_chunk_bytes` of JSON per import request.
+- Retries: timeouts, dropped connections and HTTP 408/429/5xx are retried `retries` times with
+  exponential backoff; a task import is retried only for the images a lookup does not find,
+  so a response lost after the server committed adds nothing twice.
+- Receipt: JSON at `receipt` (default RESULTS/labelstudio_push/RECEIPT-<UTC time>.json), also
+  written when the push fails part-way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+from batchseg.config import ConfigError
+from batchseg.errors import one_line
+from batchseg.exports.labelstudio import COLUMNS, TaskMaker, labeling_config
+from batchseg.results import Results
+from batchseg.storage import write_json
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+LOOKUP_BATCH = 200  # image ids per lookup query (they travel in the URL)
+RECEIPTS = "labelstudio_push"
+
+
+class PushFailed(RuntimeError):
+    """The push stopped part-way (retries exhausted, or the server refused a request)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class PushSettings:
+    chunk_size: int = 100
+    max_chunk_bytes: int = 32 * 2**20
+    retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 120.0
+    model_version: str | None = None  # overrides each run's provenance label
+    url_map: list[tuple[str, str]] = field(default_factory=list)
+    spool_dir: str | None = None  # where the ordering spool goes (default: the system temp folder)
+
+
+def push_labelstudio(results: Results, url: str, project: str, api_key: str | None,
+                     settings: PushSettings | None = None, receipt: str | None = None,
+                     storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Push every image's newest row as a task with predictions; returns the receipt (also
+    written to `receipt`). Raises ConfigError (bad key, URL or project) or PushFailed."""
+    settings = settings or PushSettings()
+    if not api_key:
+        raise ConfigError("no Label Studio API key: set LABEL_STUDIO_API_KEY (Label Studio: Account & Settings -> "
+                          "Access Token)")
+    client = LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=settings.timeout_s, max_retries=0)
+    server = Server(client, url, settings)
+    started = _now()
+    root = results.fs.unstrip_protocol(results.root)
+    receipt_uri = receipt or f"{root}/{RECEIPTS}/RECEIPT-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    make = TaskMaker(results, settings.model_version, settings.url_map)
+    record: dict[str, Any] = {"results": results.uri, "url": url, "started": started.isoformat(),
+                              "status": "running", "order": "review_priority descending, rows without one last"}
+    try:
+        project_id, created = server.project(project, labeling_config(results.categories))
+        record["project"] = {"id": project_id, "title": server.title, "created": created}
+        sync = Sync(server, project_id, lookups=server.task_count(project_id) > 0)
+        record.update(lookups=sync.lookups, chunks=sync.chunks, runs=sync.runs)
+        with WorstFirst(results.rows(COLUMNS), settings.spool_dir) as ordered:
+            record["rows"] = ordered.count
+            for chunk in _chunks(ordered, make, settings):
+                sync.push(chunk)
+        server.set_model_version(project_id, sync.newest_version())
+        record["status"] = "done"
+    except BaseException as e:
+        record.update(status="failed", error=str(e) if isinstance(e, (PushFailed, ConfigError)) else one_line(e))
+        raise
+    finally:
+        record.update(finished=_now().isoformat(), stats=make.stats.as_dict())
+        if "project" in record:
+            record["tasks"] = {k: sum(c[k] for c in record["chunks"]) for k in ("created", "updated", "skipped")}
+            record["retries"] = sum(c["retries"] for c in record["chunks"])
+        record["receipt"] = receipt_uri
+        write_json(receipt_uri, record, storage_options or {})
+    return record
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ---- worst first ------------------------------------------------------------------------------
+
+class WorstFirst:
+    """Rows in descending `review_priority` (None last, then in input order), without holding
+    them: one pass spools each row (pickled) to a local file and keeps its priority and offset
+    (16 bytes a row); iteration reads them back in order. Error rows are spooled too (the
+    task maker counts them)."""
+
+    def __init__(self, rows: Iterator[dict[str, Any]], spool_dir: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(prefix="batchseg-ls-", dir=spool_dir)
+        priority, offsets = array("d"), array("q")
+        for row in rows:
+            value = row.get("review_priority")
+            priority.append(np.nan if value is None else float(value))
+            offsets.append(self._file.tell())
+            pickle.dump(row, self._file, protocol=pickle.HIGHEST_PROTOCOL)
+        offsets.append(self._file.tell())
+        self._file.flush()
+        p = np.frombuffer(priority, np.float64)
+        # stable sort on -priority; NaN sorts after every number
+        self._order = np.argsort(-p, kind="stable")
+        self._offsets = np.frombuffer(offsets, np.int64)
+        self.count = len(p)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        fd = self._file.fileno()
+        for i in self._order:
+            start, end = self._offsets[i], self._offsets[i + 1]
+            yield pickle.loads(os.pread(fd, int(end - start), int(start)))
+
+    def __enter__(self) -> "WorstFirst":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+@dataclass
+class Chunk:
+    tasks: list[dict[str, Any]]
+    nbytes: int
+
+
+def _chunks(rows: WorstFirst, make: TaskMaker, settings: PushSettings) -> Iterator[Chunk]:
+    """Tasks in row order, cut at `chunk_size` tasks or `max_chunk_bytes` of JSON."""
+    tasks: list[dict[str, Any]] = []
+    nbytes = 0
+    for row in rows:
+        task = make(row)
+        if task is None:
+            continue
+        size = len(json.dumps(task))
+        if tasks and (len(tasks) >= settings.chunk_size or nbytes + size > settings.max_chunk_bytes):
+            yield Chunk(tasks, nbytes)
+            tasks, nbytes = [], 0
+        tasks.append(task)
+        nbytes += size
+    if tasks:
+        yield Chunk(tasks, nbytes)
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+class Server:
+    """label-studio-sdk calls with bounded retries and one-line errors naming the fix."""
+
+    def __init__(self, client: LabelStudio, url: str, settings: PushSettings) -> None:
+        self.client, self.url, self.settings = client, url, settings
+        self.title: str | None = None
+        self.retried = 0
+
+    def call(self, what: str, fn: Callable[[], T], on_retry: Callable[[], None] | None = None) -> T:
+        """fn() retried on transient failures with exponential backoff (`on_retry` runs first)."""
+        for attempt in range(self.settings.retries + 1):
+            try:
+                if attempt and on_retry:
+                    on_retry()
+                return fn()
+            except (httpx.TransportError, ApiError) as e:
+                status = getattr(e, "status_code", None)
+                if isinstance(e, httpx.ConnectError) and what == "connect":
+                    raise ConfigError(f"cannot reach Label Studio at {self.url} ({type(e).__name__}): "
+                                      "check --url and that the server is running") from None
+                if status in (401, 403):
+                    raise ConfigError(f"Label Studio at {self.url} refused the API key (HTTP {status}): set "
+                                      "LABEL_STUDIO_API_KEY to a valid access token") from None
+                transient = isinstance(e, httpx.TransportError) or status in TRANSIENT_STATUS
+                if not transient:
+                    raise PushFailed(f"Label Studio refused {what}: HTTP {status}: {_body(e)}", status) from None
+                if attempt == self.settings.retries:
+                    raise PushFailed(f"{what} failed after {attempt + 1} tries: {_describe(e)}; "
+                                     "the receipt lists what was pushed, push again to finish") from None
+                self.retried += 1
+                delay = self.settings.backoff_s * 2 ** attempt
+                log.warning("%s: %s; retry %d/%d in %.1f s", what, _describe(e), attempt + 1,
+                            self.settings.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def project(self, project: str, label_config: str) -> tuple[int, bool]:
+        """(project id, created): an int names an existing project, a name is a title."""
+        projects = self.client.projects
+        if project.isdigit():
+            try:
+                found = self.call("connect", lambda: projects.get(id=int(project)))
+            except PushFailed as e:
+                if e.status == 404:
+                    raise ConfigError(f"no Label Studio project with id {project} at {self.url}: check --project "
+                                      "(a name creates a project)") from None
+                raise
+            self.title = found.title
+            return int(project), False
+        matches = [p for p in self.call("connect", lambda: list(projects.list(title=project, page_size=100)))
+                   if p.title == project]
+        if len(matches) > 1:
+            raise ConfigError(f"{len(matches)} Label Studio projects are titled {project!r}: pass --project ID "
+                              f"(one of {', '.join(str(p.id) for p in matches)})")
+        self.title = project
+        if matches:
+            return matches[0].id, False
+        made = self.call("create project", lambda: projects.create(
+            title=project, label_config=label_config, description="pre-labels from batchseg"))
+        return made.id, True
+
+    def task_count(self, project_id: int) -> int:
+        info = self.call("read project", lambda: self.client.projects.get(id=project_id))
+        return int(info.task_number or 0)
+
+    def find(self, project_id: int, image_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
+        """image id -> [(task id, batchseg_run)] for the tasks that have it (normally one)."""
+        found: dict[int, list[tuple[int, str]]] = {}
+        for start in range(0, len(image_ids), LOOKUP_BATCH):
+            batch = image_ids[start:start + LOOKUP_BATCH]
+            query = json.dumps({"filters": {"conjunction": "and", "items": [{
+                "filter": "filter:tasks:data.image_id", "operator": "in_list", "type": "String", "value": batch}]}})
+            tasks = self.call("find tasks", lambda: list(self.client.tasks.list(
+                project=project_id, query=query, include="id,data", resolve_uri=False, page_size=len(batch) + 50)))
+            for task in tasks:
+                data = task.data or {}
+                found.setdefault(data.get("image_id"), []).append((task.id, data.get("batchseg_run") or ""))
+        return found
+
+    def set_model_version(self, project_id: int, version: str | None) -> None:
+        """Show the newest pushed label's predictions as pre-annotations, unless the project
+        is set to a version that batchseg did not write."""
+        if not version:
+            return
+        current = self.call("read project", lambda: self.client.projects.get(id=project_id)).model_version or ""
+        if current != version and (not current or current.startswith("batchseg-")):
+            self.call("update project", lambda: self.client.projects.update(id=project_id, model_version=version))
+
+
+def _body(e: Exception) -> str:
+    return " ".join(str(getattr(e, "body", e)).split())[:300]
+
+
+def _describe(e: Exception) -> str:
+    status = getattr(e, "status_code", None)
+    return f"HTTP {status}" if status else type(e).__name__
+
+
+# ---- one chunk ----------------------------------------------------------------------------------
+
+class Sync:
+    """Creates, updates or skips each chunk's tasks; counts into `chunks` and `runs`."""
+
+    def __init__(self, server: Server, project_id: int, lookups: bool) -> None:
+        self.server, self.project_id, self.lookups = server, project_id, lookups
+        self.chunks: list[dict[str, Any]] = []
+        self.runs: dict[str, dict[str, Any]] = {}
+
+    def newest_version(self) -> str | None:
+        return self.runs[max(self.runs)]["model_version"] if self.runs else None
+
+    def push(self, chunk: Chunk) -> None:
+        began, retried = time.monotonic(), self.server.retried
+        tasks = chunk.tasks
+        existing = self.server.find(self.project_id, [t["data"]["image_id"] for t in tasks]) if self.lookups else {}
+        new = [t for t in tasks if t["data"]["image_id"] not in existing]
+        stale = [(task_id, t) for t in tasks for task_id, run in existing.get(t["data"]["image_id"], [])
+                 if run < t["data"]["batchseg_run"]]
+        created = self._create(new)
+        self._replace(stale)
+        updated = len({id(t) for _, t in stale})
+        for t in tasks:
+            run = self.runs.setdefault(t["data"]["batchseg_run"], {
+                "model_version": t["predictions"][0]["model_version"], "tasks": 0})
+            run["tasks"] += 1
+        self.chunks.append({"chunk": len(self.chunks), "tasks": len(tasks), "bytes": chunk.nbytes,
+                            "created": created, "updated": updated, "skipped": len(tasks) - created - updated,
+                            "retries": self.server.retried - retried,
+                            "seconds": round(time.monotonic() - began, 3)})
+
+    def _create(self, tasks: list[dict[str, Any]]) -> int:
+        """Import `tasks`; a retry first looks up which of them a failed try already made."""
+        pending = list(tasks)
+
+        def drop_made() -> None:
+            made = self.server.find(self.project_id, [t["data"]["image_id"] for t in pending])
+            pending[:] = [t for t in pending if t["data"]["image_id"] not in made]
+
+        def send() -> None:
+            if pending:
+                self.server.client.projects.import_tasks(id=self.project_id, request=pending)
+
+        self.server.call("import tasks", send, on_retry=drop_made)
+        return len(tasks)
+
+    def _replace(self, stale: list[tuple[int, dict[str, Any]]]) -> None:
+        """Newer predictions for existing tasks: delete theirs, import ours (retried as one
+        step, so a retry leaves exactly one set), then update the task data."""
+        if not stale:
+            return
+        client = self.server.client
+        ids = [task_id for task_id, _ in stale]
+
+        def replace() -> None:
+            client.actions.create(id="delete_tasks_predictions", project=self.project_id,
+                                  selected_items={"all": False, "included": ids})
+            client.projects.import_predictions(id=self.project_id, request=[
+                {"task": task_id, **t["predictions"][0]} for task_id, t in stale])
+
+        self.server.call("replace predictions", replace)
+        for task_id, t in stale:
+            self.server.call("update task", lambda: client.tasks.update(id=str(task_id), data=t["data"]))

@@ -1,0 +1,176 @@
+"""`push labelstudio` against a real Label Studio server on 127.0.0.1 (tests/labelstudio_server.py):
+the pipeline's output goes in, the tasks come back through the API and are checked against
+the Parquet rows; pushing again adds nothing; a newer run replaces predictions; transient
+failures (and a response lost after the server committed) are retried without duplicates."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.converter.brush import decode_rle
+
+from batchseg.config import ConfigError
+from batchseg.encoding import decode_mask
+from batchseg.exports.labelstudio_push import PushSettings, push_labelstudio
+from batchseg.provenance import model_version
+from batchseg.results import open_results
+from tests.conftest import free_port, run_job
+from tests.labelstudio_server import FlakyProxy, label_studio  # noqa: F401  (a fixture)
+
+ORACLES = {
+    "instance": {"backend": "tests.oracle:ColorKeyBackend", "score_threshold": 0.0},
+    "panoptic": {"backend": "tests.oracle:ColorKeyPanoptic"},
+}
+URL_MAP = [("file://", "http://files.example/")]
+
+
+@pytest.fixture(scope="module")
+def output(ray_cluster, samples, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ls_push_run")
+    run_job(inputs=[str(samples.root)], output=str(out), tasks=["instance", "panoptic"], models=ORACLES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def title() -> str:
+    """A project title of this session's own (a reused server keeps earlier sessions' projects)."""
+    return f"batchseg demo {time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@pytest.fixture(scope="module")
+def client(label_studio):
+    return LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+
+
+def _push(output, url, token, project, **settings):
+    return push_labelstudio(open_results(str(output)), url, project, token,
+                            PushSettings(url_map=URL_MAP, **settings))
+
+
+def _tasks(client, project_id):
+    """Every task of the project with its predictions, in id (= import) order."""
+    return sorted(client.tasks.list(project=project_id, fields="all", page_size=100), key=lambda t: t.id)
+
+
+def _good_rows(output):
+    return {r["image_id"]: r for r in open_results(str(output)).rows() if r["error"] is None}
+
+
+def test_push_creates_the_project_and_tasks_that_match_the_parquet(output, label_studio, client, title):
+    rows = _good_rows(output)
+    receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=4)
+
+    assert receipt["status"] == "done" and receipt["project"]["created"]
+    assert receipt["tasks"] == {"created": len(rows), "updated": 0, "skipped": 0}
+    assert receipt["stats"]["failed_images"] == 4 and receipt["rows"] == len(rows) + 4
+    assert [c["tasks"] for c in receipt["chunks"]] == [4] * (len(rows) // 4) + ([len(rows) % 4] if len(rows) % 4 else [])
+    assert json.loads(Path(receipt["receipt"].removeprefix("file://")).read_text()) == receipt
+    project = client.projects.get(id=receipt["project"]["id"])
+    assert '<BrushLabels name="mask" toName="image">' in project.label_config
+
+    tasks = _tasks(client, project.id)
+    assert len(tasks) == len(rows) == project.task_number
+    results = open_results(str(output))
+    checked = 0
+    for task in tasks:
+        row = rows[task.data["image_id"]]
+        assert task.data["batchseg_run"] == row["run"] and task.data["review_priority"] == row["review_priority"]
+        assert task.data["image"].startswith(("http://files.example/", "tar://"))
+        (prediction,) = task.predictions
+        assert prediction.model_version == model_version(results.run_info(row["run"]) or {**results.run, "run_id": row["run"]})
+        regions = prediction.result
+        instances = [i for i in row["instances"] if decode_mask(i["segmentation"]).any()]
+        assert len([r for r in regions if r["from_name"] == "box"]) == len(instances)
+        assert len([r for r in regions if r["from_name"] == "panoptic"]) == len(row["panoptic"])
+        for brush, inst in zip([r for r in regions if r["from_name"] == "mask"], instances):
+            h, w = row["height"], row["width"]
+            mask = decode_rle(brush["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+            assert np.array_equal(mask, decode_mask(inst["segmentation"]))
+            checked += 1
+    assert checked >= 10
+    # worst first: import order (task ids) follows review_priority, highest first, unknown last
+    keys = [(-t.data["review_priority"] if t.data["review_priority"] is not None else np.inf) for t in tasks]
+    assert keys == sorted(keys)
+
+
+def test_push_again_adds_nothing(output, label_studio, client, title):
+    rows = _good_rows(output)
+    receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=5)
+    assert not receipt["project"]["created"] and receipt["lookups"]
+    assert receipt["tasks"] == {"created": 0, "updated": 0, "skipped": len(rows)}
+    again = _push(output, label_studio.url, label_studio.token, str(receipt["project"]["id"]))  # by id
+    assert again["tasks"]["skipped"] == len(rows)
+    assert len(_tasks(client, receipt["project"]["id"])) == len(rows)
+
+
+def test_a_newer_run_replaces_predictions_not_tasks(output, samples, label_studio, client, title):
+    first = _push(output, label_studio.url, label_studio.token, title)
+    project_id = first["project"]["id"]
+    # annotate everything again with a stricter threshold: fewer instances, a newer run id
+    run_job(inputs=[str(samples.root)], output=str(output), tasks=["instance", "panoptic"], overwrite=True,
+            models={**ORACLES, "instance": {**ORACLES["instance"], "score_threshold": 0.95}})
+    rows = _good_rows(output)
+    (new_run,) = {r["run"] for r in rows.values()}
+    receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=6)
+    assert receipt["tasks"] == {"created": 0, "updated": len(rows), "skipped": 0}
+    assert list(receipt["runs"]) == [new_run]
+    tasks = _tasks(client, project_id)
+    assert len(tasks) == len(rows)
+    for task in tasks:
+        row = rows[task.data["image_id"]]
+        (prediction,) = task.predictions  # replaced, not added
+        assert task.data["batchseg_run"] == new_run
+        assert len([r for r in prediction.result if r["from_name"] == "box"]) == len(row["instances"])
+    assert _push(output, label_studio.url, label_studio.token, title)["tasks"]["skipped"] == len(rows)
+
+
+def test_transient_failures_are_retried_without_duplicates(output, label_studio, client, title):
+    rows = _good_rows(output)
+    imports = []
+
+    def fault(method, path, n):
+        if method == "POST" and path.split("?")[0].endswith("/import"):
+            imports.append(n)
+            if len(imports) == 2:
+                return "after"  # the server imports the chunk, the client sees a 502
+        return "before" if n % 4 == 0 else None  # every 4th request: 503, nothing done
+
+    with FlakyProxy(label_studio.url, fault) as proxy:
+        receipt = _push(output, proxy.url, label_studio.token, f"{title} flaky", chunk_size=3, backoff_s=0.05)
+    assert receipt["status"] == "done" and receipt["retries"] >= 3
+    assert receipt["tasks"] == {"created": len(rows), "updated": 0, "skipped": 0}
+    assert any(outcome == "after" for *_, outcome in proxy.log)
+    assert len(_tasks(client, receipt["project"]["id"])) == len(rows)  # the lost response made no duplicates
+
+
+def test_retries_are_bounded_and_the_receipt_says_where_it_stopped(output, label_studio, tmp_path):
+    with FlakyProxy(label_studio.url, lambda method, path, n: "before" if method == "POST" else None) as proxy:
+        with pytest.raises(Exception, match="failed after 3 tries"):
+            push_labelstudio(open_results(str(output)), proxy.url, "never", label_studio.token,
+                             PushSettings(retries=2, backoff_s=0.01), receipt=str(tmp_path / "receipt.json"))
+    receipt = json.loads((tmp_path / "receipt.json").read_text())
+    assert receipt["status"] == "failed" and "push again to finish" in receipt["error"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no key", "set LABEL_STUDIO_API_KEY"),
+    ("bad key", "refused the API key"),
+    ("no server", "cannot reach Label Studio at"),
+    ("no project", "no Label Studio project with id 999"),
+])
+def test_errors_name_the_fix(case, message, output, label_studio, title, tmp_path):
+    url, token, project = label_studio.url, label_studio.token, title
+    if case == "no key":
+        token = ""
+    elif case == "bad key":
+        token = "not-a-token"
+    elif case == "no server":
+        url = f"http://127.0.0.1:{free_port()}"
+    else:
+        project = "999"
+    with pytest.raises(ConfigError, match=message) as e:
+        push_labelstudio(open_results(str(output)), url, project, token, receipt=str(tmp_path / "r.json"))
+    assert "\n" not in str(e.value)
