@@ -8,7 +8,8 @@ time; an image that was in flight alone when its worker died (DEATHS_ALLOWED dea
 is not tried again: it becomes an error row of kind "model". Progress is guaranteed: every
 retry either finishes or isolates the image that killed it.
 
-Keys are the images' done keys (batchseg.ledger.done_key), unique within a run.
+Keys are the images' done keys (batchseg.ledger.done_key), unique within a run, per stage
+(decode and predict can be fused into one process; each counts its own deaths).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ T = TypeVar("T")
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Journal:
-    """key -> the attempt it is in flight in, and key -> deaths counted so far."""
+    """(stage, key) -> the attempt it is in flight in, and -> deaths counted so far."""
 
     def __init__(self) -> None:
-        self.in_flight: dict[int, str] = {}
-        self.deaths: dict[int, int] = {}
+        self.in_flight: dict[tuple[str, int], str] = {}
+        self.deaths: dict[tuple[str, int], int] = {}
 
-    def check(self, keys: Sequence[int], attempt: str) -> list[int]:
+    def check(self, keys: Sequence[tuple[str, int]], attempt: str) -> list[int]:
         """Deaths of each key; a key still in flight under another attempt died with it."""
         out = []
         for key in keys:
@@ -43,11 +44,11 @@ class Journal:
             out.append(self.deaths.get(key, 0))
         return out
 
-    def begin(self, keys: Sequence[int], attempt: str) -> None:
+    def begin(self, keys: Sequence[tuple[str, int]], attempt: str) -> None:
         for key in keys:
             self.in_flight[key] = attempt
 
-    def end(self, keys: Sequence[int]) -> None:
+    def end(self, keys: Sequence[tuple[str, int]]) -> None:
         for key in keys:
             self.in_flight.pop(key, None)
 
@@ -58,7 +59,7 @@ def start_journal() -> Any:
     return Journal.remote()
 
 
-def guarded(journal: Any, keys: Sequence[int], process: Callable[[list[int]], list[T]],
+def guarded(journal: Any, stage: str, keys: Sequence[int], process: Callable[[list[int]], list[T]],
             given_up: Callable[[int], T]) -> list[T]:
     """process(indices) for all items at once; after a death, item by item; an item that
     used up DEATHS_ALLOWED gets given_up(index) instead. Returns one result per key, in order.
@@ -67,17 +68,18 @@ def guarded(journal: Any, keys: Sequence[int], process: Callable[[list[int]], li
     """
     if journal is None or not keys:
         return process(list(range(len(keys))))
-    attempt = uuid.uuid4().hex
-    deaths = ray.get(journal.check.remote(list(keys), attempt))
+    attempt, staged = uuid.uuid4().hex, [(stage, int(k)) for k in keys]
+    deaths = ray.get(journal.check.remote(staged, attempt))
     if not any(deaths):
-        ray.get(journal.begin.remote(list(keys), attempt))
+        ray.get(journal.begin.remote(staged, attempt))
         out = process(list(range(len(keys))))
-        journal.end.remote(list(keys))
+        journal.end.remote(staged)
         return out
-    log.warning("a worker died on this batch of %d before; processing it one image at a time", len(keys))
+    log.warning("a worker died in %s on this batch of %d before; going one image at a time", stage, len(keys))
     out = []
-    for i, key in enumerate(keys):
+    for i, key in enumerate(staged):
         if deaths[i] >= DEATHS_ALLOWED:
+            log.error("%s gave up image key %d: its worker died %d times", stage, key[1], deaths[i])
             out.append(given_up(i))
             continue
         ray.get(journal.begin.remote([key], attempt))

@@ -143,7 +143,7 @@ def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], m
     def given_up(i: int):
         return [_NO_IMAGE] * len(preprocessors), -1, -1, "decode killed its worker repeatedly", failures.MODEL
 
-    decoded = inflight.guarded(journal, [int(batch["key"][i]) for i in todo], decode, given_up)
+    decoded = inflight.guarded(journal, "decode", [int(batch["key"][i]) for i in todo], decode, given_up)
     images = [[_NO_IMAGE] * len(errors) for _ in preprocessors]
     heights, widths = np.full(len(errors), -1, np.int32), np.full(len(errors), -1, np.int32)
     for i, (inputs, h, w, error, kind) in zip(todo, decoded):
@@ -191,7 +191,7 @@ class Annotate:
         n = len(batch["uri"])
         errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
         todo = [i for i in range(n) if errors[i] is None and batch["members"][i] < 0]
-        outcomes = inflight.guarded(self.journal, [int(batch["key"][i]) for i in todo],
+        outcomes = inflight.guarded(self.journal, "predict", [int(batch["key"][i]) for i in todo],
                                     lambda idx: self._annotate(batch, [todo[j] for j in idx]),
                                     lambda j: ({}, "predict killed its worker repeatedly", failures.MODEL))
         cells: dict[int, dict[str, Any]] = {}

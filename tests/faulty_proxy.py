@@ -13,12 +13,14 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 
 class FaultyProxy:
-    """Forwards to `upstream`; every `every`-th request (up to `budget` of them) gets a 503."""
+    """Forwards to `upstream`; every `every`-th request (up to `budget` of them; none with
+    every=0) gets a 503. `requests_seen` lists (method, path) of every request."""
 
     def __init__(self, upstream: str, every: int = 3, budget: int = 40) -> None:
         self.upstream = urlsplit(upstream)
         self.every, self.budget = every, budget
         self.requests = self.injected = 0
+        self.requests_seen: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -30,6 +32,7 @@ class FaultyProxy:
 
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests_seen.append((self.command, self.path))
                 if proxy._should_fail():
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -63,7 +66,7 @@ class FaultyProxy:
     def _should_fail(self) -> bool:
         with self._lock:
             self.requests += 1
-            if self.injected < self.budget and self.requests % self.every == 0:
+            if self.every and self.injected < self.budget and self.requests % self.every == 0:
                 self.injected += 1
                 return True
             return False
