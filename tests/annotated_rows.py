@@ -1,6 +1,6 @@
 """A results folder of hand-made rows for export and eval tests: masks with holes, objects in
 two parts, an empty mask (what a random or tiny box gives), panoptic segments, keypoints,
-one failed row, and a run report with provenance. Cells are written with the real RLE
+DensePose, one failed row, and a run report with provenance. Cells are written with the real RLE
 encoder and the real Arrow schema, so readers see exactly what a run writes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchseg.encoding import encode_mask
+from batchseg.encoding import encode_iuv, encode_mask
 from batchseg.schema import ANNOTATIONS, ROW, RUNS, image_id
 
 RUN_ID = "20261122T000000Z-0001"
@@ -63,7 +63,9 @@ def image_row(uri: str, height: int, width: int, seed: int) -> dict:
             "instances": instances, "panoptic": panoptic,
             "keypoints": [{"category_id": 1, "bbox": [4.0, 3.0, 40.0, 30.0], "score": 0.7,
                            "keypoints": points.reshape(-1).tolist()}],
-            "densepose": None}
+            "densepose": [{"category_id": 1, "bbox": instances[0]["bbox"], "score": 0.85,
+                           "segmentation": encode_mask(m["ring"]),
+                           "iuv_png": encode_iuv(rng.integers(0, 25, (3, 26, 31)).astype(np.uint8))}]}
 
 
 def failed_row(uri: str) -> dict:
@@ -73,10 +75,11 @@ def failed_row(uri: str) -> dict:
 
 
 def run_report(run_id: str = RUN_ID, inputs: list[str] | None = None) -> dict:
-    tasks = ["instance", "panoptic", "keypoint"]
+    tasks = ["instance", "panoptic", "keypoint", "densepose"]
     return {
         "run_id": run_id,
         "categories": {"instance": {"things": THINGS}, "panoptic": {"things": THINGS, "stuff": STUFF},
+                       "densepose": {"things": THINGS[:1]},
                        "keypoint": {"things": THINGS[:1], "keypoint_names": KEYPOINT_NAMES, "skeleton": [[1, 2], [2, 3]]}},
         "config": {"inputs": inputs or ["file:///lake/images"], "tasks": tasks},
         "versions": {"batchseg": "0.1.0"},

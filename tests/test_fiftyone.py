@@ -50,7 +50,7 @@ def _import(fo, dest):
 def test_fiftyone_dataset_from_one_call(fo, hand, tmp_path):
     summary = export_fiftyone(hand, str(tmp_path))
     assert summary == {"files": {"samples.json": 4}, "skipped_empty": 4, "not_local": 0,
-                       "labels": {"instances": 8, "panoptic": 4, "panoptic_things": 8, "keypoints": 4}}
+                       "labels": {"instances": 8, "panoptic": 4, "panoptic_things": 8, "keypoints": 4, "densepose": 4}}
     dataset = _import(fo, tmp_path)
     schema = dataset.get_field_schema()
     assert len(dataset) == 4  # the failed row is no sample
@@ -89,6 +89,9 @@ def test_fiftyone_dataset_from_one_call(fo, hand, tmp_path):
         for seg in row["panoptic"]:
             categories[seg["id"]] = seg["category_id"]
         assert np.array_equal(sample.panoptic.get_mask(), categories[ids])
+        (dense,) = sample.densepose.detections
+        assert np.array_equal(dense.to_segmentation(frame_size=(w, h)).mask > 0, decode_mask(row["densepose"][0]["segmentation"]))
+        assert dense.confidence == 0.85 and dense.model_version == model_version(hand.run_info(RUN_ID), "densepose")
         (person,) = sample.keypoints.keypoints
         points = np.asarray(row["keypoints"][0]["keypoints"]).reshape(-1, 3)
         assert np.allclose(person.points, points[:, :2] / [w, h]) and np.allclose(person.confidence, points[:, 2])
@@ -123,7 +126,7 @@ def test_cli_export_fiftyone_prints_what_it_wrote(fo, hand, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         f"batchseg: wrote {tmp_path / 'fo'}/samples.json (4 items)",
-        "batchseg: labels: instances 8, panoptic 4, panoptic things 8, keypoints 4",
+        "batchseg: labels: instances 8, panoptic 4, panoptic things 8, keypoints 4, densepose 4",
         "batchseg: skipped empty: 4",
         "batchseg: not local: 0",
     ]
