@@ -4,6 +4,9 @@ the Parquet rows; pushing again adds nothing; a newer run replaces predictions; 
 failures (and a response lost after the server committed) are retried without duplicates."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from batchseg.encoding import decode_mask
 from batchseg.exports.labelstudio_push import PushSettings, push_labelstudio
 from batchseg.provenance import model_version
 from batchseg.results import open_results
+from tests.annotated_rows import write_results as write_hand_rows
 from tests.conftest import free_port, run_job
 from tests.labelstudio_server import FlakyProxy, label_studio  # noqa: F401  (a fixture)
 
@@ -174,3 +178,31 @@ def test_errors_name_the_fix(case, message, output, label_studio, title, tmp_pat
     with pytest.raises(ConfigError, match=message) as e:
         push_labelstudio(open_results(str(output)), url, project, token, receipt=str(tmp_path / "r.json"))
     assert "\n" not in str(e.value)
+
+
+def test_worst_first_and_empty_masks_left_out(label_studio, client, title, tmp_path):
+    hand = open_results(str(write_hand_rows(tmp_path / "hand", count=6)))
+    receipt = push_labelstudio(hand, label_studio.url, f"{title} hand", label_studio.token, PushSettings(chunk_size=4))
+    assert receipt["stats"]["skipped_empty"] == 6 and receipt["tasks"]["created"] == 6
+    tasks = _tasks(client, receipt["project"]["id"])
+    assert [t.data["review_priority"] for t in tasks] == [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]  # import order
+    assert all(r["value"].get("rle") for t in tasks for r in t.predictions[0].result if r["type"] == "brushlabels")
+
+
+def test_cli_push(output, label_studio, client, title, tmp_path):
+    cmd = [sys.executable, "-m", "batchseg", "push", "labelstudio", str(output), "--url", label_studio.url,
+           "--project", f"{title} cli", "--chunk-size", "8", "--url-map", "file://=http://files.example/",
+           "--receipt", str(tmp_path / "receipt.json")]
+    env = {**os.environ, "LABEL_STUDIO_API_KEY": label_studio.token}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    rows = _good_rows(output)
+    assert lines[0].endswith(f"{title} cli' (created) at {label_studio.url}")
+    assert lines[1] == f"batchseg: {len(rows)} tasks in {-(-len(rows) // 8)} chunks: {len(rows)} created, 0 updated, 0 skipped (0 retries)"
+    assert lines[2] == "batchseg: left out 4 failed images and 0 empty masks"
+    assert json.loads((tmp_path / "receipt.json").read_text())["tasks"]["created"] == len(rows)
+    env.pop("LABEL_STUDIO_API_KEY")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "batchseg: no Label Studio API key: set LABEL_STUDIO_API_KEY (Label Studio: Account & Settings -> Access Token)"]

@@ -19,7 +19,7 @@ The prediction's `model_version` is the run's provenance label
 and its `score` is 1 - review_priority, so Label Studio's uncertainty sampling (lowest score
 first) serves the same images first as batchseg's review order.
 Instances and segments whose mask is empty are left out (Label Studio cannot show or export
-them) and counted in `TaskStats.empty_masks`; error rows make no task (`failed_images`).
+them) and counted as `skipped_empty`; error rows make no task (`failed_images`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class TaskStats:
     tasks: int = 0
     regions: int = 0
     failed_images: int = 0  # error rows: no task
-    empty_masks: int = 0  # instances / panoptic segments left out: their mask has no pixel
+    skipped_empty: int = 0  # instances / panoptic segments left out: their mask has no pixel
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -101,7 +101,7 @@ class TaskMaker:
         for i, inst in enumerate(row.get("instances") or []):
             mask = decode_mask(inst["segmentation"])
             if not mask.any():
-                self.stats.empty_masks += 1  # box and mask both left out: the instance is not there
+                self.stats.skipped_empty += 1  # box and mask both left out: the instance is not there
                 continue
             label = [things.get(inst["category_id"], str(inst["category_id"]))]
             x, y, bw, bh = inst["bbox"]
@@ -116,7 +116,7 @@ class TaskMaker:
         for seg in row.get("panoptic") or []:
             mask = decode_mask(seg["segmentation"])
             if not mask.any():
-                self.stats.empty_masks += 1
+                self.stats.skipped_empty += 1
                 continue
             yield _region(row, f"p{seg['id']}", "brushlabels", "panoptic", {
                 "format": "rle", "rle": brush_rle(mask),
@@ -125,10 +125,9 @@ class TaskMaker:
 
 def export_labelstudio(results: Results, dest: str, storage_options: dict[str, Any] | None = None,
                        model_version: str | None = None, tasks_per_file: int = 1000,
-                       url_map: list[tuple[str, str]] | None = None,
-                       stats: TaskStats | None = None) -> dict[str, int]:
-    """Write the task files and labeling_config.xml; returns {file name: tasks in it}.
-    Pass `stats` to get the counts (tasks, regions, failed images, empty masks left out)."""
+                       url_map: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Write the task files and labeling_config.xml. Returns {"files": {file name: tasks in it},
+    "tasks", "regions", "failed_images", "skipped_empty"}."""
     opts = storage_options or {}
     make = TaskMaker(results, model_version, url_map)
     written: dict[str, int] = {}
@@ -146,10 +145,7 @@ def export_labelstudio(results: Results, dest: str, storage_options: dict[str, A
     with fsspec.open(f"{dest.rstrip('/')}/labeling_config.xml", "w", **opts) as f:
         f.write(labeling_config(results.categories))
     written["labeling_config.xml"] = 1
-    if stats is not None:
-        for key, value in make.stats.as_dict().items():
-            setattr(stats, key, value)
-    return written
+    return {"files": written, **make.stats.as_dict()}
 
 
 def _flush(dest: str, index: int, tasks: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, int]:
