@@ -182,13 +182,14 @@ def _keypoint_result(row: dict[str, Any], person: dict[str, Any]) -> dict[str, A
 
 
 def _keypoint_annotation(row: dict[str, Any], person: dict[str, Any]) -> dict[str, Any]:
-    """Dataset form: v becomes COCO's visibility flag (2 = labelled and visible)."""
+    """Dataset form: v becomes COCO's visibility flag (2 = labelled and visible); an empty
+    segmentation, as COCO person annotations without a mask have (datumaro warns otherwise)."""
     points = np.asarray(person["keypoints"], float).reshape(-1, 3)
     flags = np.column_stack([points[:, :2].round(2), np.full(len(points), 2)])
     x, y, w, h = person["bbox"]
     return {"image_id": row["image_id"], "category_id": person["category_id"], "bbox": person["bbox"],
             "score": person["score"], "keypoints": flags.reshape(-1).tolist(), "num_keypoints": len(points),
-            "area": w * h, "iscrowd": 0}
+            "area": w * h, "iscrowd": 0, "segmentation": []}
 
 
 def _densepose_result(row: dict[str, Any], person: dict[str, Any]) -> dict[str, Any]:
