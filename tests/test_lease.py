@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -330,6 +331,34 @@ def test_a_lease_whose_process_is_gone_on_this_host_is_taken_over_at_once(tmp_pa
         assert held_token(str(tmp_path), {}) == lease.token
 
 
+def test_a_create_granted_twice_by_the_store_leaves_one_holder(where, caplog):
+    """What moto's check-then-write allows, made certain: the store says "created" to this run,
+    then the other racer's PUT lands. The read-back after settle_s sees it; this run backs off."""
+    base, opts, client = where
+    lease = Lease(base, opts, "run-a", heartbeat_s=5, ttl_s=60)
+    create = lease.store.create
+
+    def racing_create(data):
+        version = create(data)
+        _stale(base, opts, client, run_id="run-b", ttl_s=60)
+        return version
+
+    lease.store.create = racing_create
+    with pytest.raises(OutputLocked, match="run run-b"):
+        lease.acquire()
+    assert "not atomic" in caplog.text
+    assert json.loads(open_store(base, opts).read().data)["run_id"] == "run-b"
+
+
+def test_other_filesystems_get_an_advisory_lease(caplog):
+    """memory://, gs://, az://...: batchseg knows no atomic conditional write there; says so."""
+    with Lease("memory://leased", {}, "run-a", heartbeat_s=5, ttl_s=60):
+        with pytest.raises(OutputLocked, match="run run-a"):
+            Lease("memory://leased", {}, "run-b", settle_s=0).acquire()
+    assert "advisory" in caplog.text
+    assert open_store("memory://leased", {}).read() is None
+
+
 # ---- the lease: losing it --------------------------------------------------------------------------
 
 def _remove(where, out) -> None:
@@ -359,11 +388,12 @@ def test_a_holder_taken_over_stops_and_never_deletes_the_new_lease(where):
     base, opts, client = where
     with pytest.raises(LeaseLost, match="taken by run intruder"):
         with Lease(base, opts, "run-a", heartbeat_s=0.3, ttl_s=30) as lease:
-            assert lease.fence()() is None
+            fence = pickle.loads(pickle.dumps(lease.fence()))  # travels to Ray write tasks
+            assert fence() is None
             _stale(base, opts, client, run_id="intruder")  # as if it had won a takeover
             assert lease.lost.wait(timeout=5)
             with pytest.raises(LeaseLost):
-                lease.fence()()
+                fence()
     assert json.loads(open_store(base, opts).read().data)["run_id"] == "intruder"
 
 
