@@ -4,7 +4,8 @@ The server is the `label-studio` package (1.23) from its own virtualenv, .venv-l
 (`make labelstudio` builds it; its pins clash with ours), or the executable named by
 BATCHSEG_LABEL_STUDIO. It runs offline: LATEST_VERSION_CHECK=false (the version check
 otherwise hangs), its own data dir, a user made by --username/--password/--user-token, and
-LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true so that token is accepted as `Token ...`.
+LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true so that token is accepted as `Token ...`, and
+SSRF_PROTECTION_ENABLED=false so it may reach the tests' S3 API server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def label_studio(tmp_path_factory):
     port = free_port()
     log = data / "server.log"
     env = {**os.environ, "LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-           "LABEL_STUDIO_BASE_DATA_DIR": str(data), "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": ""}
+           "LABEL_STUDIO_BASE_DATA_DIR": str(data), "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+           # the S3 API server of the tests is on 127.0.0.1, which Label Studio's SSRF guard blocks
+           "SSRF_PROTECTION_ENABLED": "false"}
     env.pop("PYTHONPATH", None)  # its own environment, not ours
     with open(log, "wb") as out:
         server = subprocess.Popen(

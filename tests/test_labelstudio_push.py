@@ -206,3 +206,28 @@ def test_cli_push(output, label_studio, client, title, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "batchseg: no Label Studio API key: set LABEL_STUDIO_API_KEY (Label Studio: Account & Settings -> Access Token)"]
+
+
+def test_s3_references_resolve_through_a_connected_s3_storage(label_studio, client, title, s3_endpoint, tmp_path):
+    """s3:// stays s3:// (Label Studio's cloud-storage form): once an S3 source storage for the
+    bucket is connected to the project -- no sync -- Label Studio serves the image."""
+    import boto3
+    import httpx
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="ls-lake")
+    hand = open_results(str(write_hand_rows(tmp_path / "hand", count=2, root="s3://ls-lake/images")))
+    images = {r["image_uri"]: f"image bytes of {r['image_uri']}".encode() for r in hand.rows() if r["error"] is None}
+    for uri, body in images.items():
+        s3.put_object(Bucket="ls-lake", Key=uri.removeprefix("s3://ls-lake/"), Body=body)
+    receipt = push_labelstudio(hand, label_studio.url, f"{title} s3", label_studio.token)
+    project_id = receipt["project"]["id"]
+    assert {t.data["image"] for t in _tasks(client, project_id)} == set(images)
+    client.import_storage.s3.create(project=project_id, bucket="ls-lake", s3endpoint=s3_endpoint, region_name="us-east-1",
+                                    aws_access_key_id="testing", aws_secret_access_key="testing", presign=False)
+    for task in client.tasks.list(project=project_id, include="id,data", resolve_uri=True):
+        resolved = task.data["image"]
+        assert resolved.startswith(f"/tasks/{task.id}/resolve/?fileuri=")  # Label Studio's storage proxy
+        got = httpx.get(label_studio.url + resolved, headers={"Authorization": f"Token {label_studio.token}"},
+                        follow_redirects=True, timeout=60)
+        assert got.status_code == 200 and got.content in images.values()
