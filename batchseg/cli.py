@@ -1,4 +1,4 @@
-"""`batchseg run | export FORMAT | eval | render`: annotate images, then get the results out.
+"""`batchseg run | export FORMAT | eval | render | review | push TOOL`: annotate images, then get the results out.
 
 Every command checks its flags and inputs before it starts work; a problem the user can fix
 ends with exit code 2 and one line on stderr that names the fix.
@@ -251,8 +251,12 @@ def run_command(args: argparse.Namespace) -> int:
 def _start_ray(job: JobConfig) -> None:
     import ray
 
+    from batchseg import console
+
     if not ray.is_initialized():
+        console.before_ray_init()
         ray.init(address=ray_address(job))
+    console.after_ray_init()
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -459,16 +463,21 @@ def _require_file(flag: str, uri: str, storage: StorageConfig) -> None:
             raise ConfigError(f"{flag} {uri}: {kind}; give the path of a file")
 
 
-# ------------------------------------------------------------------------------------- render
+# ------------------------------------------------------------------------------ render, review
 
 def add_render(commands: argparse._SubParsersAction) -> None:
     render = _command(
         commands, "render", help="overlay images and an index.html contact sheet",
         description="Draw each image's annotations (masks, boxes and labels, panoptic segments, "
-                    "keypoints, DensePose parts) into DEST/IMAGE_ID_TASK.jpg and write DEST/index.html.")
+                    "keypoints, DensePose parts) into DEST/IMAGE_ID_TASK.jpg and write DEST/index.html. "
+                    "Crowded images label the top --labels instances by score and count the rest.")
     render.add_argument("results", metavar="RESULTS", help=RESULTS_HELP)
     render.add_argument("dest", metavar="DEST", help="folder for the JPEGs and index.html, local or s3://")
     render.add_argument("--limit", type=int, default=100, metavar="N", help="images to render")
+    render.add_argument("--review", action="store_true",
+                        help="render the images to review first (highest review_priority, as `batchseg review`)")
+    render.add_argument("--labels", type=int, default=20, metavar="K",
+                        help="instances drawn per image, highest score first; the rest are counted")
     _storage_flags(render)
     render.set_defaults(handler=render_command)
 
@@ -476,12 +485,42 @@ def add_render(commands: argparse._SubParsersAction) -> None:
 def render_command(args: argparse.Namespace) -> int:
     from batchseg.render import render
 
-    if args.limit < 1:
-        raise ConfigError(f"--limit must be at least 1 (got {args.limit})")
+    for flag in ("limit", "labels"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     results = _open_results(args)
     with _reaching(f"DEST {args.dest}"):
-        count = render(results, args.dest, limit=args.limit, storage=_storage(args))
+        count = render(results, args.dest, limit=args.limit, storage=_storage(args), review=args.review,
+                       labels=args.labels)
     print(f"batchseg: rendered {count} images; open {args.dest.rstrip('/')}/index.html")
+    return EXIT_OK
+
+
+def add_review(commands: argparse._SubParsersAction) -> None:
+    review = _command(
+        commands, "review", help="list the images to look at first (highest review_priority)",
+        description="Print the N images with the highest review_priority (0..1, higher = look first), "
+                    "one per line: priority, image URI, a short reason. Streams the results with memory "
+                    "bounded by N; rows without a priority (older runs) come last. "
+                    "`batchseg render RESULTS DEST --review --limit N` draws the same images.")
+    review.add_argument("results", metavar="RESULTS", help=RESULTS_HELP)
+    review.add_argument("--top", type=int, default=20, metavar="N", help="how many images to list")
+    review.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    _storage_flags(review)
+    review.set_defaults(handler=review_command)
+
+
+def review_command(args: argparse.Namespace) -> int:
+    from batchseg.render import review_queue
+
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1 (got {args.top})")
+    for item in review_queue(_open_results(args), args.top):
+        if args.json:
+            print(json.dumps(item))
+        else:
+            priority = "   -  " if item["review_priority"] is None else f"{item['review_priority']:.3f}"
+            print(f"{priority}  {item['image_uri']}  {item['reason']}")
     return EXIT_OK
 
 
@@ -555,7 +594,7 @@ def push_labelstudio_command(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- main
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_export, add_eval, add_render,
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_export, add_eval, add_render, add_review,
                                                                add_push]
 
 

@@ -105,6 +105,10 @@ def test_cli_run_starts_its_own_local_ray(samples, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "batchseg: 2 images, 2 annotated, 0 failed; found 4 instances" in result.stdout
+    # a healthy run's console: no error-level lines, no token notice, no Ray Data progress blocks
+    assert "core_worker.cc" not in result.stderr and "Token authentication" not in result.stderr, result.stderr
+    assert "logging_progress" not in result.stderr and "streaming_executor" not in result.stderr, result.stderr
+    assert not [line for line in result.stderr.splitlines() if " E " in line or "ERROR" in line], result.stderr
 
 
 def test_unknown_category_names_fail_preflight(tmp_path):
