@@ -6,7 +6,9 @@ scheme, missing weights), so a bad job exits with one line before any work is sc
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +113,7 @@ class JobConfig(_Strict):
     read_rows_per_block: int = Field(16, gt=0, description="images per read/decode task")
     rows_per_file: int = Field(2000, gt=0, description="least rows per output Parquet file")
     max_image_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb limit")
+    allow_empty: bool = Field(False, description="an input with no images is not an error (scheduled runs)")
     overwrite: bool = Field(False, description="delete earlier runs in the output, annotate everything")
     retry_failed: bool = Field(False, description="annotate again images an earlier run failed on")
     max_failed_fraction: float | None = Field(
@@ -208,32 +211,99 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
 def load_config(path: str | os.PathLike | None, overrides: list[tuple[list[str], Any]]) -> JobConfig:
     """Read the YAML file (if any), apply dotted overrides in order, validate.
 
-    Raises ConfigError with a one-line message on any problem.
+    Raises ConfigError with a one-line message on any problem; problems in the file are
+    reported as `FILE:LINE:COLUMN: ...` (from PyYAML's marks).
     """
     data: dict[str, Any] = {}
+    marks: dict[tuple[str, ...], yaml.Mark] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+            marks = _key_marks(yaml.compose(text))
+        except yaml.MarkedYAMLError as e:
+            raise ConfigError(_yaml_syntax(path, e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {_first_line(str(e))}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for key_path, value in overrides:
         _set_path(data, key_path, value)
+        marks = {k: m for k, m in marks.items() if k[:len(key_path)] != tuple(key_path)}  # a flag set it
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e)) from None
+        raise ConfigError(_describe(e, path, marks)) from None
 
 
-def _describe(e: ValidationError) -> str:
+def _yaml_syntax(path: str | os.PathLike, e: yaml.MarkedYAMLError) -> str:
+    """`job.yaml:3:8: invalid YAML: while parsing a flow sequence, expected ',' or ']', but
+    got ':' (at 4:11)`: where the construct began, then where PyYAML gave up."""
+    where = e.context_mark or e.problem_mark
+    text = ", ".join(part for part in (e.context, e.problem) if part)
+    at = f" (at {e.problem_mark.line + 1}:{e.problem_mark.column + 1})" if e.context_mark and e.problem_mark else ""
+    return f"{path}:{where.line + 1}:{where.column + 1}: invalid YAML: {text}{at}"
+
+
+def _key_marks(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], yaml.Mark]:
+    """Dotted key path -> where its key starts in the file, for every mapping key."""
+    marks: dict[tuple[str, ...], yaml.Mark] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            marks[path] = key.start_mark
+            marks.update(_key_marks(value, path))
+    return marks
+
+
+def _describe(e: ValidationError, path: str | os.PathLike | None = None,
+              marks: dict[tuple[str, ...], yaml.Mark] | None = None) -> str:
+    """The first validation error as one line: where (FILE:LINE:COL when the file set it),
+    what is wrong, the value given, and for an unknown field the closest known one."""
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"].removeprefix("Value error, ")
+    loc = tuple(str(p) for p in err["loc"])
+    where = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        msg = f"unknown field {loc[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                               f"; known fields: {', '.join(known)}" if known else "")
+    elif err["type"] == "missing":
+        flag = {"inputs": "--input URI", "output": "--output URI"}.get(where)
+        msg = f"missing; set {where} in the config file" + (f" or pass {flag}" if flag else "")
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] != "value_error":
+            given = err.get("input")
+            msg += " (got a mapping)" if isinstance(given, dict) else " (got a list)" if isinstance(given, list) else f" (got {given!r})"
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"config error at {where}: {msg}{more}"
+    mark = (marks or {}).get(loc)
+    prefix = f"{path}:{mark.line + 1}:{mark.column + 1}: " if mark is not None else ""
+    return f"{prefix}config error at {where}: {msg}{more}"
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    """Field names of the config model found at `loc` (mapping keys such as a task name are
+    stepped over), or [] when `loc` does not lead to a model."""
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(part)
+            if field is None:
+                return []
+            model = field.annotation
+        else:  # dict[str, Model] (models.TASK) or Optional[...]: the value type
+            args = [a for a in typing.get_args(model) if a is not type(None)]
+            model = args[-1] if args else None
+    for arg in [model, *typing.get_args(model)]:  # Model, or Model | None
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return list(arg.model_fields)
+    return []
 
 
 def _first_line(text: str) -> str:

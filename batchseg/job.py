@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -11,9 +12,9 @@ from typing import Any
 import ray
 from fsspec.core import url_to_fs
 
-from batchseg import inflight, ledger, pipeline, provenance, report, runs, sources
+from batchseg import inflight, lease, ledger, manifests, pipeline, provenance, report, sources
 from batchseg.config import ConfigError, JobConfig
-from batchseg.errors import one_line
+from batchseg.errors import one_line, storage_error
 from batchseg.predictors.base import backend_class, weights_uri
 from batchseg.schema import ANNOTATIONS, LEDGER, RUNS
 from batchseg.sink import RunSink
@@ -37,6 +38,7 @@ class Prepared:
     categories: dict[str, dict[str, Any]]
     fingerprints: dict[str, str]
     provenance: dict[str, Any]
+    units: list[Any]  # what the list stage reads: see plan_inputs
 
 
 def preflight(job: JobConfig) -> Prepared:
@@ -69,17 +71,57 @@ def preflight(job: JobConfig) -> Prepared:
         fingerprints[task] = provenance.fingerprint(task, job, weights[task].identity() if weights[task] else None,
                                                     categories[task])
         records[task] = provenance.task_record(task, job, weights[task], fingerprints[task])
-    for uri in job.inputs:
-        try:
-            fs, path = url_to_fs(uri, **job.storage_options(uri))
-            found = fs.exists(path)
-        except Exception as e:
-            raise ConfigError(f"input {uri} is not reachable: {one_line(e)}") from None
-        if not found:
-            raise ConfigError(f"input not found: {uri}")
+    units = plan_inputs(job)
     _check_output(job)
     return Prepared(weights, categories, fingerprints,
-                    {"batchseg_version": provenance.batchseg_version(), "tasks": records})
+                    {"batchseg_version": provenance.batchseg_version(), "tasks": records}, units)
+
+
+def plan_inputs(job: JobConfig) -> list[Any]:
+    """The list stage's units of work, from one metadata request per input (plus a manifest's
+    footer or first line): folders and single files as sources.Input (inputs inside another
+    input dropped, so overlapping inputs list each object once), manifests and S3 Inventory
+    manifests as their manifests.ManifestPart (one per data file or run of row groups).
+
+    Raises ConfigError (one line) for an input that is missing, unreadable or, unless
+    allow_empty, holds no image: a typo'd path must not become a successful empty run.
+    """
+    units: list[Any] = []
+    inputs = [uri for uri in job.inputs if not _is_manifest(uri)]
+    for uri in sources.distinct_roots(inputs) + [uri for uri in job.inputs if _is_manifest(uri)]:
+        opts = job.storage_options(uri)
+        try:
+            unit = sources.classify(uri, opts)
+            parts = manifests.manifest_parts(unit.uri, opts) if unit.kind in ("manifest", "inventory") else [unit]
+            if not job.allow_empty and not _any_image(parts, opts):
+                raise ConfigError(f"no images found under {uri} ({', '.join(sources.IMAGE_EXTENSIONS)} or .tar); "
+                                  "check the path, or set allow_empty: true (--allow-empty) for scheduled runs")
+        except sources.InputError as e:
+            raise ConfigError(str(e)) from None
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"input {provenance.redact(uri)} is not reachable: {storage_error(e) or one_line(e)}") from None
+        units += parts
+    return units
+
+
+def _is_manifest(uri: str) -> bool:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return name == sources.INVENTORY_NAME or sources.is_manifest_name(name)
+
+
+def _any_image(units: list[Any], storage_options: dict[str, Any]) -> bool:
+    """Does the first unit with rows have one? Reads one page at most per unit (then stops)."""
+    for unit in units:
+        pages = (sources.iter_input(unit, storage_options, page_rows=1) if isinstance(unit, sources.Input)
+                 else manifests.read_manifest_part(unit, storage_options, page_rows=1))
+        try:
+            if any(page for page in pages):
+                return True
+        finally:
+            pages.close()
+    return False
 
 
 def _check_output(job: JobConfig) -> None:
@@ -101,10 +143,11 @@ def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
     and OUTPUT/run.json (the latest). Returns the report.
     """
     prepared = prepared or preflight(job)
-    run_id = runs.new_run_id()
+    run_id = new_run_id()
     opts = job.storage_options(job.output)
-    with runs.Lease(job.output, opts, run_id):
+    with lease.Lease(job.output, opts, run_id, on_lost=lease.interrupt_main) as held:
         if job.overwrite:
+            held.check()
             _delete_earlier_runs(job)
         started = time.time()
         head = _head(job, run_id, prepared, started)
@@ -113,18 +156,24 @@ def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
         done_ref, planned_ref = ledger.plan.remote(job.output, opts, prepared.fingerprints, job.retry_failed)
         planned = ray.get(planned_ref)
         where = pipeline.place(job)
-        roots = sources.distinct_roots(job.inputs) if hasattr(sources, "distinct_roots") else job.inputs
         log.info("run %s: predictors %d..%d actor(s) on %s; %d images done earlier (ledger of %d runs)",
                  run_id, where.actors, where.max_actors, where.device, planned["done"], planned["runs"])
-        sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks])
-        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, roots)
+        sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
+                       fence=held.fence())
+        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, prepared.units)
         pipeline.write(dataset, sink)
         summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
                                  job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
+        held.check()
         write_text(join(job.output, RUNS, f"{run_id}.stats.txt"), dataset.stats(), opts)
         for name in (f"{RUNS}/{run_id}.json", "run.json"):
             write_json(join(job.output, name), summary, opts)
     return summary
+
+
+def new_run_id() -> str:
+    """Sortable: UTC time, then a random suffix so two runs in one second differ."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def _head(job: JobConfig, run_id: str, prepared: Prepared, started: float) -> dict[str, Any]:

@@ -53,13 +53,14 @@ def place(job: JobConfig) -> Placement:
 
 
 def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, WeightsRef | None],
-          journal: Any, roots: list[str]) -> Dataset:
+          journal: Any, units: list[Any]) -> Dataset:
     """The run's dataset, not yet executed. `done`: what earlier runs finished (ledger.plan);
-    `journal`: the run's in-flight journal (batchseg.inflight)."""
+    `journal`: the run's in-flight journal (batchseg.inflight); `units`: job.plan_inputs."""
     models = {task: job.models[task] for task in job.tasks}
-    ds = ray.data.from_items([{"root": uri} for uri in roots], override_num_blocks=len(roots))
-    ds = ds.map_batches(  # one root per task; pages stream out as the store returns them
-        stages.list_roots, fn_kwargs={"storage": job.s3, "done": done}, batch_size=1, num_cpus=0.25
+    ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
+    ds = ds.map_batches(  # one folder or manifest part per task; pages stream out as they arrive
+        stages.list_inputs, fn_kwargs={"units": units, "storage": job.s3, "done": done}, batch_size=1,
+        num_cpus=0.25,
     )
     ds = ds.repartition(target_num_rows_per_block=job.read_rows_per_block)
     ds = ds.map_batches(  # I/O bound: a quarter CPU each keeps many reads in flight

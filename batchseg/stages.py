@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from batchseg import failures, inflight, sources
+from batchseg import failures, inflight, manifests, sources
 from batchseg.config import JobConfig, ModelConfig, StorageConfig
 from batchseg.errors import one_line
 from batchseg.imaging import DecodeError, decode_rgb
@@ -39,23 +39,21 @@ READ_COLUMNS = ("uri", "size", "version", "key", "members", "data", "error", "er
 MAX_READ_BATCH_BYTES = 256 * 2**20  # a read task's output batch: bounded whatever the shard size
 
 
-def list_roots(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneSet) -> Iterator[dict[str, np.ndarray]]:
-    """{"root": URIs} -> pages of {uri, size, version, is_shard}, less what is done: image files
-    an earlier run wrote at this version, and tar shards whose images are all done."""
-    for root in batch["root"]:
-        for page in _pages(sources.list_sources(str(root), storage.options(str(root)))):
-            yield not_done(_columnar(page), done)
+def list_inputs(batch: dict[str, np.ndarray], units: list[Any], storage: StorageConfig,
+                done: DoneSet) -> Iterator[dict[str, np.ndarray]]:
+    """{"unit": indices into `units`} -> pages of {uri, size, version, is_shard}, less what is
+    done: image files an earlier run wrote at this version, tar shards whose images are all done.
 
-
-def _pages(entries: Iterator[dict[str, Any]], size: int = 1000) -> Iterator[list[dict[str, Any]]]:
-    page: list[dict[str, Any]] = []
-    for entry in entries:
-        page.append(entry)
-        if len(page) == size:
-            yield page
-            page = []
-    if page:
-        yield page
+    A unit is a sources.Input (a folder, listed as pages stream in; or one image / shard) or a
+    manifests.ManifestPart (read batch by batch), as job.plan_inputs made them.
+    """
+    for index in batch["unit"]:
+        unit = units[int(index)]
+        pages = (sources.iter_input(unit, storage.options(unit.uri)) if isinstance(unit, sources.Input)
+                 else manifests.read_manifest_part(unit, storage.options(unit.uri)))
+        for page in pages:
+            if page:
+                yield not_done(_columnar(page), done)
 
 
 def not_done(page: dict[str, np.ndarray], done: DoneSet) -> dict[str, np.ndarray]:

@@ -21,7 +21,8 @@ def test_a_write_task_retried_after_its_commit_adds_no_rows(ray_cluster, samples
                              (["models"], {"instance": ORACLE}), (["rows_per_file"], 4)])
     prepared = job.preflight(cfg)
     sink = DiesAfterCommit(cfg.output, {}, "r1", cfg.rows_per_file, ["instances"], marker=str(tmp_path / "died"))
-    ds = pipeline.build(cfg, pipeline.place(cfg), DoneSet(None), prepared.weights, inflight.start_journal(), cfg.inputs)
+    ds = pipeline.build(cfg, pipeline.place(cfg), DoneSet(None), prepared.weights, inflight.start_journal(),
+                        prepared.units)
     pipeline.write(ds, sink)
     assert (tmp_path / "died").exists()  # a write task really died after committing
     rows = read_rows(str(tmp_path / "out/annotations"))

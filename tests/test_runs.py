@@ -116,7 +116,7 @@ def test_second_run_on_the_same_output_is_refused(samples, tmp_path):
     second = subprocess.run(_cli(samples.root / "street", out, *SLOW), env=_env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 4
     (line,) = second.stderr.strip().splitlines()[-1:]
-    assert "output is being written by run" in line
+    assert "is being written by run" in line
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     assert "batchseg: 21 images, 17 annotated" in stdout and not (out / "_lease.json").exists()
