@@ -131,3 +131,13 @@ def test_cli_export_fiftyone_prints_what_it_wrote(fo, hand, tmp_path):
         "batchseg: not local: 0",
     ]
     assert len(_import(fo, tmp_path / "fo")) == 4
+
+
+def test_fiftyone_tar_members_are_counted_as_not_local(fo, tmp_path):
+    """A tar member (tar://MEMBER::SHARD) becomes SHARD_PATH/MEMBER, as COCO file names name it."""
+    results = open_results(str(write_hand_rows(tmp_path / "tar", count=1, root="tar://img/a.png::file:///lake/shard-0.tar")))
+    (uri,) = [r["image_uri"] for r in results.rows(["image_uri", "error"]) if r["error"] is None]
+    assert uri == "tar://img/a.png::file:///lake/shard-0.tar/street/img000.jpg"  # member img/a.png
+    summary = export_fiftyone(results, str(tmp_path / "fo"))
+    assert summary["not_local"] == 1
+    assert _import(fo, tmp_path / "fo").values("filepath") == ["/lake/shard-0.tar/street/img000.jpg/img/a.png"]

@@ -35,8 +35,9 @@ Instances with an empty mask are left out (counted as `skipped_empty`).
 
 Images: local files keep their absolute path; a tar member becomes SHARD_PATH/MEMBER (open
 source FiftyOne cannot read inside tars); `url_map` prefixes rewrite URIs first (e.g. an
-s3:// prefix to the local folder where the bucket is mounted). Samples whose media FiftyOne
-cannot open are counted as `not_local`.
+s3:// prefix to the local folder where the bucket is mounted). Samples whose image FiftyOne
+cannot open from a local path (remote URIs, tar members) are counted as `not_local`: their
+labels import all the same.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from batchseg.encoding import decode_mask, decode_panoptic
 from batchseg.exports.coco import columns_present, has_mask
 from batchseg.provenance import model_version
 from batchseg.results import Results
-from batchseg.sources import image_path
+from batchseg.sources import image_path, split_member
 
 COLUMN_TASK = {"instances": "instance", "panoptic": "panoptic", "keypoints": "keypoint", "densepose": "densepose"}
 
@@ -68,7 +69,7 @@ def export_fiftyone(results: Results, dest: str, storage_options: dict[str, Any]
     """Write DEST/samples.json, DEST/fields/panoptic/*.png and DEST/metadata.json.
 
     Returns {"files": {"samples.json": samples}, "labels": {field: count}, "skipped_empty": n,
-    "not_local": samples whose image is not a local file}."""
+    "not_local": samples whose image FiftyOne cannot open locally (remote URI, tar member)}."""
     opts = storage_options or {}
     root = dest.rstrip("/")
     columns = columns_present(results)
@@ -131,10 +132,11 @@ class _SampleWriter:
             if uri.startswith(prefix):
                 uri = replacement + uri[len(prefix):]
                 break
+        member = split_member(uri) is not None
         uri = image_path(uri)  # a tar member as SHARD/MEMBER
         if uri.startswith("file://"):
-            return uri[len("file://"):]
-        if not uri.startswith("/"):
+            uri = uri[len("file://"):]
+        if member or not uri.startswith("/"):
             self.not_local += 1
         return uri
 
