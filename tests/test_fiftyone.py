@@ -83,7 +83,8 @@ def test_fiftyone_dataset_from_one_call(fo, hand, tmp_path):
             assert np.array_equal(full, decode_mask(inst["segmentation"]))
             x, y, bw, bh = det.bounding_box
             mx, my, mw, mh = inst["bbox"]
-            assert abs(x * w - mx) <= 1 and abs((x + bw) * w - (mx + mw)) <= 1 and abs(y * h - my) <= 1
+            assert abs(x * w - mx) <= 1 and abs((x + bw) * w - (mx + mw)) <= 1
+            assert abs(y * h - my) <= 1 and abs((y + bh) * h - (my + mh)) <= 1
         ids = decode_panoptic(row["panoptic"], h, w)
         categories = np.zeros(ids.max() + 1, np.int64)
         for seg in row["panoptic"]:
@@ -118,6 +119,7 @@ def test_boxes_land_on_the_intended_pixels_under_fiftyones_rounding(width):
             mask[1:3, x0:x1] = True
             (rx, ry, rw, rh), crop = box_and_mask([x0 + 0.3, 1.0, x1 - x0 - 0.6, 2.0], encode_mask(mask), width, height)
             assert int(width * rx) == x0 and int(width * (rx + rw)) == x1 and crop.all() and crop.shape == (2, x1 - x0)
+            assert int(height * ry) == 1 and int(height * (ry + rh)) == 3
 
 
 def test_cli_export_fiftyone_prints_what_it_wrote(fo, hand, tmp_path):

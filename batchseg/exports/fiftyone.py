@@ -134,8 +134,7 @@ class _SampleWriter:
                 break
         member = split_member(uri) is not None
         uri = image_path(uri)  # a tar member as SHARD/MEMBER
-        if uri.startswith("file://"):
-            uri = uri[len("file://"):]
+        uri = uri.removeprefix("file://")
         if member or not uri.startswith("/"):
             self.not_local += 1
         return uri
