@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from batchseg import failures, inflight, manifests, sources
+from batchseg import failures, inflight, manifests, review, sources
 from batchseg.config import JobConfig, ModelConfig, StorageConfig
 from batchseg.errors import one_line
 from batchseg.imaging import DecodeError, decode_rgb
@@ -184,6 +184,7 @@ class Annotate:
             self.allowed[task] = allowed_ids(task, cfg, backend)
             log.info("loaded %s model %s on %s", task, cfg.model, device)
         self.batch_size = {task: cfg.batch_size or job.batch_size for task, cfg in self.models.items()}
+        self.thresholds = {task: cfg.score_threshold for task, cfg in self.models.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
@@ -209,6 +210,7 @@ class Annotate:
             }
             if errors[i] is None and batch["members"][i] < 0:
                 row.update({TASK_TABLE[task].column: cells[i][task] for task in self.models})
+                row["review_priority"] = review.priority(cells[i], self.thresholds)
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=OUTPUT)
 
