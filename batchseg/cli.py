@@ -530,7 +530,8 @@ def add_push(commands: argparse._SubParsersAction) -> None:
     push = _command(commands, "push", help="push results into a live annotation tool",
                     description="Push a results dataset into a running annotation tool. "
                                 "`batchseg push TOOL --help` says what each does.")
-    tools = push.add_subparsers(title="tools", dest="tool", required=True, metavar="TOOL", parser_class=_Parser)
+    tools = push.add_subparsers(title="tools", dest="tool", required=True, metavar="TOOL", parser_class=_Parser,
+                                help="the annotation tool to push into")
     ls = _command(tools, "labelstudio", help="tasks with predictions into a Label Studio project", description="""\
 Tasks with predictions (the same regions as `export labelstudio`) go into the project, worst
 first (descending review_priority). Pushing again adds nothing; images that a newer run
@@ -585,7 +586,8 @@ def push_labelstudio_command(args: argparse.Namespace) -> int:
     project, tasks, stats = receipt["project"], receipt["tasks"], receipt["stats"]
     print(f"batchseg: Label Studio project {project['id']} {project['title']!r}"
           f"{' (created)' if project['created'] else ''} at {args.url}")
-    print(f"batchseg: {stats['tasks']} tasks in {len(receipt['chunks'])} chunks: {tasks['created']} created, "
+    chunks = len(receipt["chunks"])
+    print(f"batchseg: {stats['tasks']} tasks in {chunks} chunk{'s' * (chunks != 1)}: {tasks['created']} created, "
           f"{tasks['updated']} updated, {tasks['skipped']} skipped ({receipt['retries']} retries)")
     print(f"batchseg: left out {stats['failed_images']} failed images and {stats['skipped_empty']} empty masks")
     print(f"batchseg: receipt {receipt['receipt']}")

@@ -87,7 +87,8 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
     client = LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=settings.timeout_s, max_retries=0)
     server = Server(client, url, settings)
     started = _now()
-    root = results.fs.unstrip_protocol(results.root)
+    local = "file" in results.fs.protocol
+    root = results.root if local else results.fs.unstrip_protocol(results.root)
     receipt_uri = receipt or f"{root}/{RECEIPTS}/RECEIPT-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     make = TaskMaker(results, settings.model_version, settings.url_map)
     record: dict[str, Any] = {"results": results.uri, "url": url, "started": started.isoformat(),
