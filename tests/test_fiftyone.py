@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from batchseg.encoding import decode_mask, decode_panoptic, encode_mask
-from batchseg.exports.fiftyone import box_and_mask, export_fiftyone
+from batchseg.exports.fiftyone import box_and_mask, category_png, export_fiftyone
 from batchseg.provenance import model_version
 from batchseg.results import open_results
 from tests.annotated_rows import KEYPOINT_NAMES, RUN_ID, WEIGHTS_SHA256
@@ -143,3 +143,13 @@ def test_fiftyone_tar_members_are_counted_as_not_local(fo, tmp_path):
     summary = export_fiftyone(results, str(tmp_path / "fo"))
     assert summary["not_local"] == 1
     assert _import(fo, tmp_path / "fo").values("filepath") == ["/lake/shard-0.tar/street/img000.jpg/img/a.png"]
+
+
+def test_panoptic_maps_with_ids_above_255_are_16_bit(fo, tmp_path):
+    categories = np.array([[0, 200, 255], [256, 1000, 65535]])
+    path = tmp_path / "map.png"
+    path.write_bytes(category_png(categories))
+    assert np.array_equal(fo.Segmentation(mask_path=str(path)).get_mask(), categories)
+    path.write_bytes(category_png(categories.clip(0, 255)))
+    mask = fo.Segmentation(mask_path=str(path)).get_mask()
+    assert mask.dtype == np.uint8 and np.array_equal(mask, categories.clip(0, 255))
