@@ -137,9 +137,9 @@ def test_labelstudio_brushes_decode_with_label_studio_sdk(oracle_results, tmp_pa
     from label_studio_sdk.converter.brush import decode_rle
 
     written = export_labelstudio(oracle_results, str(tmp_path), tasks_per_file=4,
-                                 url_map=[("file://", "http://files.example/")])
+                                 url_map=[("file://", "http://files.example/")])["files"]
     files = sorted(p for p in tmp_path.glob("tasks-*.json"))
-    assert len(files) == written.keys().__len__() - 1 and all(len(json.loads(f.read_text())) <= 4 for f in files)
+    assert len(files) == len(written) - 1 and all(len(json.loads(f.read_text())) <= 4 for f in files)
     tasks = [t for f in files for t in json.loads(f.read_text())]
     rows = _rows_by_id(oracle_results, "instances")
     assert len(tasks) == len(rows)
