@@ -38,6 +38,14 @@ def _check_rayjob_spec(spec):
     for worker in workers:
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert cluster["workerGroupSpecs"][0]["maxReplicas"] >= cluster["workerGroupSpecs"][0]["minReplicas"]
+    _check_job_config_scales_from_zero(REPO / config.removeprefix("/app/"), cluster["workerGroupSpecs"][0]["maxReplicas"])
+
+
+def _check_job_config_scales_from_zero(path: Path, gpu_workers: int) -> None:
+    """GPU workers start at zero: the job must ask for GPUs (device cuda, not auto, which would
+    see none and run on CPU) and let its pool grow to one actor per GPU worker."""
+    job = yaml.safe_load(path.read_text())
+    assert job["device"] == "cuda" and job["max_actors"] >= gpu_workers
 
 
 def test_rayjob():
@@ -81,6 +89,9 @@ def test_cluster_launcher():
     assert gpu and all(n["max_workers"] > n["min_workers"] for n in gpu)  # autoscales
     assert any("--head" in c for c in cfg["head_start_ray_commands"])
     assert cfg["max_workers"] >= max(n["max_workers"] for n in gpu)
+    config = REPO / "jobs/configs/four-tasks.yaml"  # the one its header tells to submit
+    assert str(config.relative_to(REPO)) in (INFRA / "cluster-launcher.yaml").read_text()
+    _check_job_config_scales_from_zero(config, max(n["max_workers"] for n in gpu))
 
 
 def test_runtime_env_excludes_local_state():
