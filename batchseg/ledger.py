@@ -151,12 +151,12 @@ def read_ledger(fs, root: str) -> tuple[pa.Table, list[dict[str, Any]]]:
 
 
 def newest_per_key(table: pa.Table) -> pa.Table:
-    """Keep, for each key, the entry of the latest run (runs are indexed in time order)."""
+    """Keep, for each key, the entry of the latest run. `table` holds the runs in time order
+    (base first), so a stable sort by key leaves each key's newest entry last."""
     if not table.num_rows:
         return table
-    key, run = table["key"].to_numpy(), table["run"].to_numpy()
-    order = np.lexsort((run, key))
-    key = key[order]
+    order = np.argsort(table["key"].to_numpy(), kind="stable")
+    key = table["key"].to_numpy()[order]
     last = np.append(key[1:] != key[:-1], True)
     return table.take(pa.array(order[last]))
 

@@ -14,13 +14,15 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 class FaultyProxy:
     """Forwards to `upstream`; every `every`-th request (up to `budget` of them; none with
-    every=0) gets a 503. `requests_seen` lists (method, path) of every request."""
+    every=0) gets a 503. `requests_seen` lists (method, path) of every request; `bytes_out`
+    counts the response bodies sent back (what the client read from the store)."""
 
     def __init__(self, upstream: str, every: int = 3, budget: int = 40) -> None:
         self.upstream = urlsplit(upstream)
         self.every, self.budget = every, budget
         self.requests = self.injected = 0
         self.requests_seen: list[tuple[str, str]] = []
+        self.bytes_out = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -55,6 +57,8 @@ class FaultyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.bytes_out += len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
