@@ -1,7 +1,8 @@
 """Model outputs -> compact COCO encodings (pure numpy + pycocotools).
 
-Runs inside the predictor actor, so full-resolution masks never leave it: only RLE strings
-travel through the object store.
+Masks arrive cropped to their boxes (CroppedMasks) and the full-image COCO RLE is built from
+each crop's runs, so work is proportional to the crops, not to N x H x W; pycocotools writes
+the compressed strings. Panoptic id maps are encoded in one pass. Only RLE strings travel on.
 """
 
 from __future__ import annotations
@@ -13,19 +14,69 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from batchseg.predictors.base import DensePose, Detections, Keypoints, Panoptic
+from batchseg.predictors.base import CroppedMasks, DensePose, Detections, Keypoints, Panoptic
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     """(H, W) bool -> {"size": [H, W], "counts": str}, COCO compressed RLE (column-major)."""
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8, copy=False))[:, :, None])[0]
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+    return _cell(rle)
 
 
 def decode_mask(segmentation: dict[str, Any]) -> np.ndarray:
     """Inverse of encode_mask: -> (H, W) bool."""
     rle = {"size": list(segmentation["size"]), "counts": segmentation["counts"].encode("ascii")}
     return mask_util.decode(rle).astype(bool)
+
+
+def _cell(rle: dict[str, Any]) -> dict[str, Any]:
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def _compress(counts: list[np.ndarray], height: int, width: int) -> list[dict[str, Any]]:
+    """Uncompressed COCO run lengths (zeros first, column-major) -> compressed RLE cells.
+
+    pycocotools writes the string (frPyObjects -> rleToString), so it is byte-identical to
+    pycocotools.mask.encode of the same mask.
+    """
+    if not counts:
+        return []
+    rles = mask_util.frPyObjects([{"size": [height, width], "counts": c} for c in counts], height, width)
+    return [_cell(r) for r in rles]
+
+
+def crop_counts(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    """COCO run lengths of a (height, width) mask that is `crop` ((h, w) bool) at (y0, x0), zero elsewhere.
+
+    Column-major like pycocotools: each crop column is a stretch of the image column, with
+    height - h zeros between consecutive crop columns; when h == height those gaps vanish and
+    runs continue from one column into the next. Returns (K,) uint32, zeros first (the first
+    count may be 0), summing to height * width. Work is O(h * w), never O(height * width);
+    a column-major (Fortran-order) crop, as CroppedMasks holds them, is read without a transpose.
+    """
+    total = height * width
+    h, w = crop.shape
+    if h == 0 or w == 0 or not crop.any():
+        return np.array([total], np.uint32)
+    padded = np.zeros((w, h + 2), bool)  # a False above and below each crop column
+    padded[:, 1:-1] = crop.T
+    change = np.flatnonzero(padded[:, 1:] != padded[:, :-1])  # into the (w, h + 1) transitions
+    column, row = np.divmod(change, h + 1)
+    pos = (x0 + column) * height + y0 + row  # pixel index (column-major) where the value flips
+    if h == height:  # a run ending at the bottom of one column and restarting at the top of the next
+        same = pos[1:] == pos[:-1]
+        keep = np.ones(len(pos), bool)
+        keep[1:] &= ~same
+        keep[:-1] &= ~same
+        pos = pos[keep]
+    pos = pos[pos < total]  # a run that ends at the last pixel has no zeros after it
+    return np.diff(pos, prepend=0, append=total).astype(np.uint32)
+
+
+def encode_masks(masks: CroppedMasks, indices: np.ndarray) -> list[dict[str, Any]]:
+    """The masks at `indices` -> COCO compressed RLE cells of the full (height, width) image."""
+    counts = [crop_counts(masks.crops[i], *masks.offsets[i].tolist(), masks.height, masks.width) for i in indices]
+    return _compress(counts, masks.height, masks.width)
 
 
 def _kept(scores: np.ndarray, category_ids: np.ndarray, score_threshold: float, allowed: set[int] | None) -> np.ndarray:
@@ -48,15 +99,17 @@ def encode_instances(det: Detections, score_threshold: float, allowed: set[int] 
     bbox is the model's box as [x, y, w, h] (as detectron2's instances_to_coco_json writes it);
     area is the mask's pixel count. `allowed`: dataset ids to keep (None: all).
     """
+    keep = _kept(det.scores, det.category_ids, score_threshold, allowed)
+    segmentations = encode_masks(det.masks, keep)
     return [
         {
             "category_id": int(det.category_ids[i]),
             "bbox": _xywh(det.boxes[i]),
             "score": float(det.scores[i]),
-            "area": int(np.count_nonzero(det.masks[i])),
-            "segmentation": encode_mask(det.masks[i]),
+            "area": int(np.count_nonzero(det.masks.crops[i])),
+            "segmentation": segmentation,
         }
-        for i in _kept(det.scores, det.category_ids, score_threshold, allowed)
+        for i, segmentation in zip(keep, segmentations)
     ]
 
 
@@ -87,19 +140,59 @@ def encode_panoptic(pan: Panoptic, score_threshold: float = 0.0, allowed: set[in
     Each segment carries its COCO RLE, so decode_panoptic rebuilds the id map exactly.
     Segments are kept whole (the model already applied its own combine thresholds);
     `allowed` drops segments of other categories, which then read as void (0).
+    bbox is [x, y, w, h] of the segment's pixels ([0, 0, 0, 0] if it has none).
     """
-    out = []
-    for seg in sorted(pan.segments, key=lambda s: s.id):
-        if allowed is not None and seg.category_id not in allowed:
-            continue
-        mask = pan.id_map == seg.id
-        ys, xs = np.nonzero(mask)
-        bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)] if len(xs) else [0.0] * 4
-        out.append({
-            "id": seg.id, "category_id": seg.category_id, "isthing": seg.isthing,
-            "area": int(len(xs)), "bbox": bbox, "score": seg.score, "segmentation": encode_mask(mask),
-        })
-    return out
+    segments = [s for s in sorted(pan.segments, key=lambda s: s.id) if allowed is None or s.category_id in allowed]
+    runs = _IdRuns(pan.id_map)
+    found = [runs.segment(s.id) for s in segments]
+    height, width = pan.id_map.shape
+    cells = _compress([counts for counts, _, _ in found], height, width)
+    return [
+        {"id": seg.id, "category_id": seg.category_id, "isthing": seg.isthing,
+         "area": area, "bbox": bbox, "score": seg.score, "segmentation": cell}
+        for seg, (_, area, bbox), cell in zip(segments, found, cells)
+    ]
+
+
+class _IdRuns:
+    """One pass over an (H, W) id map: its column-major runs, grouped by id.
+
+    The map is read once in column-major order and split where the id changes; the runs are
+    then stably sorted by id, so each id's runs sit together in image order and its COCO
+    counts, area and bbox come from its own runs only (no full-image pass per segment).
+    """
+
+    def __init__(self, id_map: np.ndarray) -> None:
+        self.height, self.width = id_map.shape
+        flat = np.ascontiguousarray(id_map.T).reshape(-1)
+        starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        starts = np.concatenate([[0], starts]) if flat.size else starts
+        ends = np.append(starts[1:], flat.size)
+        order = np.argsort(flat[starts], kind="stable")
+        self.starts, self.ends, ids = starts[order], ends[order], flat[starts][order]
+        self.ids, self.first = np.unique(ids, return_index=True)
+        self.last = np.append(self.first[1:], len(ids))  # one past each id's last run
+
+    def segment(self, seg_id: int) -> tuple[np.ndarray, int, list[float]]:
+        """-> (COCO counts (K,) uint32, area in pixels, bbox [x, y, w, h])."""
+        total = self.height * self.width
+        k = np.searchsorted(self.ids, seg_id)
+        if k == len(self.ids) or self.ids[k] != seg_id:
+            return np.array([total], np.uint32), 0, [0.0] * 4
+        s, e = self.starts[self.first[k]:self.last[k]], self.ends[self.first[k]:self.last[k]]
+        counts = np.empty(2 * len(s) + 1, np.int64)
+        counts[0:-1:2] = s - np.append(0, e[:-1])  # zeros before each run
+        counts[1::2] = e - s
+        counts[-1] = total - e[-1]
+        if counts[-1] == 0:  # the segment ends at the last pixel: no zeros after it
+            counts = counts[:-1]
+        x_first, x_last = s // self.height, (e - 1) // self.height
+        one_column = x_first == x_last  # a run spanning columns covers rows 0..H-1 in the bbox
+        y_min = int(np.where(one_column, s % self.height, 0).min())
+        y_max = int(np.where(one_column, (e - 1) % self.height, self.height - 1).max())
+        x_min, x_max = int(x_first[0]), int(x_last[-1])
+        bbox = [float(x_min), float(y_min), float(x_max - x_min + 1), float(y_max - y_min + 1)]
+        return counts.astype(np.uint32), int(counts[1::2].sum()), bbox
 
 
 def decode_panoptic(segments: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
@@ -117,15 +210,16 @@ def encode_densepose(dp: DensePose, score_threshold: float, allowed: set[int] | 
     same image detectron2's compress_quantized_densepose_chart_result base64-encodes;
     decode it with decode_iuv. `segmentation` is the DensePose foreground as COCO RLE.
     """
+    keep = _kept(dp.scores, dp.category_ids, score_threshold, allowed)
     return [
         {
             "category_id": int(dp.category_ids[i]),
             "bbox": _xywh(dp.boxes[i]),
             "score": float(dp.scores[i]),
-            "segmentation": encode_mask(dp.masks[i]),
+            "segmentation": segmentation,
             "iuv_png": encode_iuv(dp.iuv[i]),
         }
-        for i in _kept(dp.scores, dp.category_ids, score_threshold, allowed)
+        for i, segmentation in zip(keep, encode_masks(dp.masks, keep))
     ]
 
 

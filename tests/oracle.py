@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from batchseg.config import ModelConfig
-from batchseg.predictors.base import Categories, Category, Detections, ModelInput, Panoptic, PanopticSegment, Preprocessor
+from batchseg.predictors.base import (
+    Categories, Category, CroppedMasks, Detections, ModelInput, Panoptic, PanopticSegment, Preprocessor,
+)
 from batchseg.samples import BACKGROUND, SHAPE_COLORS
 
 
@@ -48,7 +50,7 @@ class ColorKeyBackend:
                 boxes=np.asarray(boxes, np.float32),
                 scores=np.linspace(1.0, 0.9, len(masks)).astype(np.float32),
                 category_ids=np.asarray(ids, np.int64),
-                masks=np.stack(masks),
+                masks=CroppedMasks.from_full(np.stack(masks)),
             ))
         return out
 

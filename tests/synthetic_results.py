@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchseg.encoding import encode_densepose, encode_instances, encode_keypoints
-from batchseg.predictors.base import DensePose, Detections, Keypoints
+from batchseg.predictors.base import CroppedMasks, DensePose, Detections, Keypoints
 from batchseg.schema import ROW, image_id
 
 KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -34,10 +34,10 @@ def person_row(uri: str, h: int, w: int, seed: int) -> dict:
     return {
         "image_id": image_id(uri), "image_uri": uri, "width": w, "height": h, "source_size": 1, "source_version": "v",
         "error": None,
-        "instances": encode_instances(Detections(box, score, ids, mask), 0.5),
+        "instances": encode_instances(Detections(box, score, ids, CroppedMasks.from_full(mask)), 0.5),
         "panoptic": None,
         "keypoints": encode_keypoints(Keypoints(box, score, ids, points), 0.5),
-        "densepose": encode_densepose(DensePose(box, score, ids, [iuv], mask), 0.5),
+        "densepose": encode_densepose(DensePose(box, score, ids, [iuv], CroppedMasks.from_full(mask)), 0.5),
     }
 
 

@@ -1,6 +1,7 @@
 """torchvision Mask R-CNN with random weights (saved to a file, loaded back) through the pipeline."""
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from torchvision.models.detection import maskrcnn_resnet50_fpn
@@ -70,4 +71,127 @@ def test_staged_forward_equals_torchvision_forward(samples, tv_weights):
     scale = np.array([rgb.shape[1] / resized.shape[1], rgb.shape[0] / resized.shape[0]] * 2)
     np.testing.assert_allclose(det.boxes, expected["boxes"].numpy()[mapped] * scale, rtol=1e-4, atol=1e-2)
     np.testing.assert_allclose(det.scores, expected["scores"].numpy()[mapped], rtol=1e-5)
-    assert det.masks.shape[1:] == rgb.shape[:2]
+    assert (det.masks.height, det.masks.width) == rgb.shape[:2]
+
+
+def _backend(tv_weights, precision="fp32"):
+    from batchseg.config import ModelConfig
+    from batchseg.predictors.torchvision import TorchvisionBackend
+
+    cfg = ModelConfig(backend="torchvision", weights=str(tv_weights), score_threshold=0.0, **SMALL)
+    return cfg, TorchvisionBackend(cfg, str(tv_weights), "cpu", precision)
+
+
+def _input(samples, cfg, name="street/scene_a.png"):
+    from batchseg.imaging import decode_rgb
+    from batchseg.predictors.base import ModelInput
+    from batchseg.predictors.torchvision import TorchvisionBackend
+
+    rgb = decode_rgb((samples.root / name).read_bytes(), 10**8)
+    return ModelInput("x", TorchvisionBackend.preprocessor(cfg)(rgb), *rgb.shape[:2])
+
+
+def test_crops_equal_torchvisions_full_resolution_paste(samples, tv_weights):
+    """Our masks, pasted over each box only, equal torchvision's own postprocess (full-image
+    paste, > 0.5) of the same forward: what the backend returned before crops."""
+    cfg, backend = _backend(tv_weights)
+    x = _input(samples, cfg)
+    det = backend.predict([x])[0]
+
+    model = backend.model
+    with torch.inference_mode():
+        tensor = torch.from_numpy(x.image).permute(2, 0, 1).float().div(255)
+        batch, _ = model.transform([tensor])
+        features = model.backbone(batch.tensors)
+        found, _ = model.roi_heads(features, model.rpn(batch, features)[0], batch.image_sizes)
+        full = model.transform.postprocess(found, batch.image_sizes, [(x.height, x.width)])[0]
+    keep = backend._index_to_id[full["labels"].numpy()] >= 0
+    expected = (full["masks"][:, 0] > 0.5).numpy()[keep]
+    assert len(det.masks) == len(expected) > 0
+    for i, mask in enumerate(expected):
+        assert np.array_equal(det.masks.full(i), mask)
+    np.testing.assert_array_equal(det.boxes, full["boxes"].numpy()[keep])
+
+
+def test_paste_crops_equals_paste_masks_in_image_for_boxes_touching_every_border():
+    """Boxes as torchvision hands them to the paste (clipped to the image): its one-pixel
+    expansion makes those on a border cross it."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from batchseg.predictors.torchvision import paste_crops
+
+    rng = np.random.default_rng(0)
+    height, width, n = 37, 53, 200
+    corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1) * [width, height]
+    boxes = np.concatenate([corners[:, 0], corners[:, 1]], axis=1)
+    border = np.array([0, 0, width, height], float)
+    for i, side in enumerate(rng.integers(0, 4, n // 2)):  # half of them on one border, each border
+        boxes[i, side] = border[side]
+    boxes[:6] = [[0, 0, width, height], [0, 3, 9, height], [width - 9, 0, width, 9], [2, 2, 2.4, 2.3],
+                 [0, 0, 0.5, 0.5], [width - 0.5, height - 0.5, width, height]]
+    probs = torch.from_numpy(rng.random((n, 1, 28, 28))).float()
+    boxes = torch.from_numpy(boxes).float()
+    expected = (paste_masks_in_image(probs, boxes, (height, width))[:, 0] > 0.5).numpy()
+    crops = paste_crops(probs, boxes, height, width)
+    for i in range(n):
+        assert np.array_equal(crops.full(i), expected[i]), i
+
+
+def test_fp16_bf16_keep_box_decoding_and_paste_in_fp32(samples, tv_weights, monkeypatch):
+    """No GPU here: CPU bf16 autocast stands in for CUDA autocast. The convolutions run in bf16,
+    while the RPN deltas, the box predictor, the decoded boxes and the paste stay fp32."""
+    from batchseg.predictors import torchvision as tv
+
+    cfg, backend = _backend(tv_weights, "bf16")
+    monkeypatch.setattr(tv, "autocast", lambda device, precision: torch.autocast("cpu", dtype=torch.bfloat16))
+    model, seen = backend.model, {}
+
+    def record(name):  # the first output of each module, left unchanged
+        def hook(_module, _inputs, output):
+            seen.setdefault(name, output)
+        return hook
+
+    model.backbone.body.conv1.register_forward_hook(record("backbone"))
+    model.rpn.head.conv.register_forward_hook(record("rpn conv"))
+    model.rpn.head.register_forward_hook(record("rpn deltas"))
+    model.rpn.anchor_generator.register_forward_hook(record("anchors"))
+    model.roi_heads.box_head.register_forward_hook(record("box head"))
+    model.roi_heads.box_predictor.bbox_pred.register_forward_hook(record("box regression"))
+    paste = tv.paste_crops
+
+    def recorded_paste(probs, boxes, *args):
+        seen.setdefault("paste", (probs, boxes))
+        return paste(probs, boxes, *args)
+
+    monkeypatch.setattr(tv, "paste_crops", recorded_paste)
+
+    det = backend.predict([_input(samples, cfg)])[0]
+    assert seen["backbone"].dtype == seen["box head"].dtype == torch.bfloat16  # autocast is on
+    assert seen["rpn conv"][0].dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for part in seen["rpn deltas"] for t in part)
+    assert all(a.dtype == torch.float32 for a in seen["anchors"])
+    assert seen["box regression"].dtype == torch.float32
+    assert seen["paste"][0].dtype == seen["paste"][1].dtype == torch.float32
+    assert det.boxes.dtype == np.float32 and len(det.scores) > 0
+
+
+def test_checkpoint_errors_are_one_line(tmp_path, tv_weights, caplog):
+    from batchseg.config import ModelConfig
+    from batchseg.predictors.checkpoints import CheckpointError
+    from batchseg.predictors.torchvision import TorchvisionBackend
+
+    cfg = ModelConfig(backend="torchvision", weights=str(tv_weights), score_threshold=0.0, **SMALL)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a loadable torch checkpoint") as e:
+        TorchvisionBackend(cfg, str(text), "cpu", "fp32")
+    assert "\n" not in str(e.value)
+
+    state = torch.load(tv_weights, weights_only=True)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("roi_heads.mask")}, partial)
+    with caplog.at_level("WARNING"), pytest.raises(CheckpointError, match="keys missing .*roi_heads.mask_head") as e:
+        TorchvisionBackend(cfg, str(partial), "cpu", "fp32")
+    assert "\n" not in str(e.value)
+    assert any(r.levelname == "WARNING" and "unloaded" in r.getMessage() and "roi_heads.mask_predictor" in r.getMessage()
+               for r in caplog.records)

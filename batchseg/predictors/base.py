@@ -77,22 +77,109 @@ class ModelInput:
     width: int  # original (upright) image width, pixels
 
 
+@dataclass(frozen=True)
+class CroppedMasks:
+    """N binary masks of one image, each stored only over the rectangle that can hold it.
+
+    height, width: the image's size, pixels.
+    offsets: (N, 2) int64, (y0, x0) of each crop's top-left pixel in the image.
+    crops: N arrays (h_i, w_i) bool, with 0 <= y0, y0 + h_i <= height (same for x, width),
+    stored column-major (Fortran order, as COCO RLE reads masks) so that encoding reads each
+    column contiguously. Every pixel outside a crop is False. A crop may be larger than its mask's tight box
+    (e.g. detectron2 pastes over the box plus one pixel) or empty ((0, 0)).
+
+    Full-resolution (N, height, width) masks never exist on the host: backends paste on the
+    model's device and move the crops only (`nbytes` of them).
+    """
+
+    height: int
+    width: int
+    offsets: np.ndarray
+    crops: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.offsets) != len(self.crops):
+            raise ValueError(f"{len(self.offsets)} offsets for {len(self.crops)} crops")
+        for (y0, x0), crop in zip(self.offsets.tolist(), self.crops):
+            h, w = crop.shape
+            if crop.dtype != bool or y0 < 0 or x0 < 0 or y0 + h > self.height or x0 + w > self.width:
+                raise ValueError(f"crop {crop.dtype} {crop.shape} at {(y0, x0)} is not a bool crop "
+                                 f"inside a {self.height}x{self.width} image")
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the crops (what a backend moved device -> host)."""
+        return sum(c.nbytes for c in self.crops)
+
+    def areas(self) -> np.ndarray:
+        """(N,) int64: pixels in each mask."""
+        return np.array([np.count_nonzero(c) for c in self.crops], np.int64)
+
+    def select(self, keep: np.ndarray) -> "CroppedMasks":
+        """The masks at `keep` (an index or boolean array)."""
+        index = np.arange(len(self))[keep]
+        return CroppedMasks(self.height, self.width, self.offsets[index], tuple(self.crops[i] for i in index))
+
+    @classmethod
+    def empty(cls, height: int, width: int) -> "CroppedMasks":
+        return cls(height, width, np.zeros((0, 2), np.int64), ())
+
+    @classmethod
+    def from_flat(cls, buffer: np.ndarray, regions: np.ndarray, height: int, width: int) -> "CroppedMasks":
+        """Crops as views into one flat bool buffer (one device -> host copy for all of them).
+
+        buffer: (sum h_i * w_i,) bool, the crops one after another, each column-major.
+        regions: (N, 4) int, y0, x0, h_i, w_i of each crop.
+        """
+        regions = np.asarray(regions, np.int64).reshape(-1, 4)
+        ends = np.cumsum(regions[:, 2] * regions[:, 3])
+        crops = tuple(part.reshape(w, h).T for part, (_, _, h, w) in zip(np.split(buffer, ends[:-1]), regions.tolist()))
+        return cls(height, width, regions[:, :2].copy(), crops)
+
+    @classmethod
+    def from_full(cls, masks: np.ndarray) -> "CroppedMasks":
+        """(N, H, W) bool full masks -> each cropped to its tight bounding box ((0, 0) if empty).
+
+        For backends and test oracles that produce full masks on the host anyway.
+        """
+        n, height, width = masks.shape
+        offsets, crops = np.zeros((n, 2), np.int64), []
+        for i, mask in enumerate(masks):
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            if not len(rows):
+                crops.append(np.zeros((0, 0), bool, order="F"))
+                continue
+            offsets[i] = rows[0], cols[0]
+            crops.append(np.asfortranarray(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], dtype=bool))
+        return cls(height, width, offsets, tuple(crops))
+
+    def full(self, i: int) -> np.ndarray:
+        """(height, width) bool: mask i at full resolution. For tests; never on the hot path."""
+        out = np.zeros((self.height, self.width), bool)
+        (y0, x0), crop = self.offsets[i], self.crops[i]
+        out[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+        return out
+
+
 @dataclass
 class Detections:
     """One image's instances, all in original-image pixels. N = number of instances.
 
     boxes: (N, 4) float, x0, y0, x1, y1.  scores: (N,) float.
-    category_ids: (N,) int, dataset ids.  masks: (N, height, width) bool.
+    category_ids: (N,) int, dataset ids.  masks: N masks of the (height, width) image, cropped.
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     category_ids: np.ndarray
-    masks: np.ndarray
+    masks: CroppedMasks
 
     def select(self, keep: np.ndarray) -> "Detections":
         """The instances at `keep` (an index or boolean array)."""
-        return Detections(self.boxes[keep], self.scores[keep], self.category_ids[keep], self.masks[keep])
+        return Detections(self.boxes[keep], self.scores[keep], self.category_ids[keep], self.masks.select(keep))
 
     @classmethod
     def empty(cls, height: int, width: int) -> "Detections":
@@ -100,7 +187,7 @@ class Detections:
             boxes=np.zeros((0, 4), np.float32),
             scores=np.zeros((0,), np.float32),
             category_ids=np.zeros((0,), np.int64),
-            masks=np.zeros((0, height, width), bool),
+            masks=CroppedMasks.empty(height, width),
         )
 
 
@@ -128,7 +215,9 @@ class PanopticSegment:
 
 @dataclass
 class Panoptic:
-    """id_map: (H, W) int32, 0 = void, else a segment id.  segments: one per id in the map."""
+    """id_map: (H, W) unsigned or int32 integers, 0 = void, else a segment id; backends hand over
+    the narrowest dtype that holds the ids (uint8 for fewer than 256 segments).
+    segments: one per id in the map."""
 
     id_map: np.ndarray
     segments: list[PanopticSegment]
@@ -141,19 +230,19 @@ class DensePose:
     boxes: (N, 4) x0, y0, x1, y1.  scores: (N,).  category_ids: (N,).
     iuv: N arrays (3, h_i, w_i) uint8 over each person's box: part index I (0 = background,
     1..24), U * 255, V * 255 -- detectron2's quantized chart result.
-    masks: (N, H, W) bool, the DensePose foreground at original resolution.
+    masks: the DensePose foreground (I > 0) of each person in the (H, W) image, cropped.
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     category_ids: np.ndarray
     iuv: list[np.ndarray]
-    masks: np.ndarray
+    masks: CroppedMasks
 
     @classmethod
     def empty(cls, height: int, width: int) -> "DensePose":
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), [],
-                   np.zeros((0, height, width), bool))
+                   CroppedMasks.empty(height, width))
 
 
 Result = Detections | Keypoints | Panoptic | DensePose
@@ -219,6 +308,21 @@ def autocast(device: str, precision: str):
     if device.startswith("cuda") and precision in ("fp16", "bf16"):
         return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def group_by_shape(shapes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches of image indices, each at most `batch_size` long, of images with similar shapes.
+
+    shapes: (h, w) of each model input, pixels. detectron2 pads a batch to its largest image
+    (rounded up to the backbone's stride), so a portrait image among landscape ones costs the
+    whole batch the padding. Sorting by (h, w) puts equal heights together (shortest-edge resize
+    makes landscape inputs share h) and portrait inputs after them. Each index appears once;
+    the order is deterministic (stable sort).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    order = sorted(range(len(shapes)), key=lambda i: (int(shapes[i][0]), int(shapes[i][1])))
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
 def weights_uri(cfg: ModelConfig, backend: type[Backend]) -> str | None:

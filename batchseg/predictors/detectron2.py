@@ -2,14 +2,17 @@
 
 Preprocessing is DefaultPredictor's, built from the same config: channel order from
 INPUT.FORMAT, then ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST). It runs in the CPU
-decode stage; the actor only turns arrays into tensors and calls the model with a list of
-dicts carrying the original height/width, so detectron2 pastes masks at original resolution.
-Outputs are converted the way detectron2's own evaluators convert them; category ids go back
-to dataset ids through the metadata of DATASETS.TEST[0], as COCOEvaluator does.
+decode stage; the actor sends uint8 images to the device and calls the model with a list of
+dicts carrying the original height/width. Instance masks are pasted at original resolution
+over their boxes only, on the device, with detectron2's own paste (paste_crops); only the
+crops reach the host. Outputs are converted the way detectron2's own evaluators convert them;
+category ids go back to dataset ids through the metadata of DATASETS.TEST[0], as
+COCOEvaluator does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -19,11 +22,12 @@ import numpy as np
 import torch
 
 from batchseg.config import ModelConfig
-from batchseg.predictors import densepose_configs
+from batchseg.predictors import checkpoints, densepose_configs
 from batchseg.predictors.base import (
-    Categories, Category, Detections, DensePose, Keypoints, ModelInput, Panoptic, PanopticSegment,
+    Categories, Category, CroppedMasks, Detections, DensePose, Keypoints, ModelInput, Panoptic, PanopticSegment,
     Preprocessor, autocast, load_label_map,
 )
+from batchseg.predictors.device import compute_in_fp32, crops_to_host, image_tensor, outputs_in_fp32
 
 
 def build_cfg(cfg: ModelConfig, device: str = "cpu", densepose: bool = False):
@@ -84,20 +88,24 @@ class D2Preprocess:
 
 
 class Detectron2Model:
-    """Builds the model from the config, loads weights, runs list-of-dicts batched forwards."""
+    """Builds the model from the config, loads weights, runs list-of-dicts batched forwards.
+
+    Under fp16/bf16 autocast the box predictor (class scores, box regression) computes in
+    fp32, and mask/keypoint head outputs are cast to fp32 before they are decoded and pasted.
+    """
 
     densepose = False
 
     def __init__(self, cfg: ModelConfig, weights: str | None, device: str, precision: str) -> None:
-        from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.modeling import build_model
 
         self.d2cfg = build_cfg(cfg, device, self.densepose)
         self.model = build_model(self.d2cfg).eval()
         if weights:
-            DetectionCheckpointer(self.model).load(weights)
+            load_weights(self.model, weights)
         self.cats = self.categories(cfg)
-        self.autocast = autocast(device, precision)
+        self.device, self.precision = torch.device(device), precision
+        _keep_decoding_in_fp32(self.model, self.device.type)
 
     @classmethod
     def preprocessor(cls, cfg: ModelConfig) -> Preprocessor:
@@ -121,21 +129,42 @@ class Detectron2Model:
         d2cfg = build_cfg(cfg, densepose=cls.densepose)
         return Categories(_things(d2cfg, load_label_map(cfg.label_map)))
 
+    def _inputs(self, images: list[ModelInput]) -> list[dict[str, Any]]:
+        """uint8 (3, h, w) tensors on the device: the model's normalisation (x - pixel_mean) /
+        pixel_std turns them into float32 there, the same floats as converting on the host."""
+        return [{"image": image_tensor(x.image, self.device), "height": x.height, "width": x.width} for x in images]
+
     @torch.no_grad()
     def forward(self, images: list[ModelInput]) -> list[dict[str, Any]]:
-        inputs = [
-            {"image": torch.as_tensor(x.image.astype("float32").transpose(2, 0, 1)), "height": x.height, "width": x.width}
-            for x in images
-        ]
-        with self.autocast:
-            return self.model(inputs)
+        """The model's own forward, postprocess included (panoptic)."""
+        with autocast(str(self.device), self.precision):
+            return self.model(self._inputs(images))
+
+    @torch.no_grad()
+    def instances(self, images: list[ModelInput]) -> list[Any]:
+        """GeneralizedRCNN inference, then detectron2's detector_postprocess (scale, clip and
+        filter boxes exactly as DefaultPredictor does) with the masks set aside, so nothing is
+        pasted at full resolution: ROI mask probabilities come back in `roi_masks` (N, 1, M, M).
+        Instances stay on the model's device.
+        """
+        from detectron2.modeling.postprocessing import detector_postprocess
+
+        with autocast(str(self.device), self.precision):
+            raw = self.model.inference(self._inputs(images), do_postprocess=False)
+        out = []
+        for inst, x in zip(raw, images):
+            if inst.has("pred_masks"):
+                inst.roi_masks = inst.pred_masks
+                inst.remove("pred_masks")
+            out.append(detector_postprocess(inst, x.height, x.width))
+        return out
 
     def detected(self, inst) -> dict[str, np.ndarray]:
-        """boxes, scores and dataset category ids of a CPU Instances, as result fields."""
+        """boxes, scores and dataset category ids of an Instances, as host result fields."""
         return {
-            "boxes": inst.pred_boxes.tensor.float().numpy(),
-            "scores": inst.scores.float().numpy(),
-            "category_ids": np.array([self.cats.things[int(c)].id for c in inst.pred_classes], np.int64),
+            "boxes": inst.pred_boxes.tensor.float().cpu().numpy(),
+            "scores": inst.scores.float().cpu().numpy(),
+            "category_ids": np.array([self.cats.things[int(c)].id for c in inst.pred_classes.tolist()], np.int64),
         }
 
 
@@ -145,14 +174,109 @@ def _preprocessor(densepose: bool, cfg_json: str) -> D2Preprocess:
     return D2Preprocess(d2.INPUT.MIN_SIZE_TEST, d2.INPUT.MAX_SIZE_TEST, d2.INPUT.FORMAT == "BGR")
 
 
+def _keep_decoding_in_fp32(model: torch.nn.Module, device_type: str) -> None:
+    """Box predictors compute in fp32; mask and keypoint head outputs are cast to fp32."""
+    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+
+    for module in model.modules():
+        if isinstance(module, FastRCNNOutputLayers):
+            compute_in_fp32(module, device_type)
+    heads = getattr(model, "roi_heads", None)
+    for head, last_layer in (("mask_head", "predictor"), ("keypoint_head", "score_lowres")):
+        layer = getattr(getattr(heads, head, None), last_layer, None)
+        if isinstance(layer, torch.nn.Module):  # the head's last layer: its logits get decoded/pasted
+            outputs_in_fp32(layer)
+
+
+def paste_crops(roi_masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
+                threshold: float = 0.5, chunk: int | None = None) -> CroppedMasks:
+    """Paste ROI masks over their boxes only, as detectron2's CPU path does, and move the crops.
+
+    roi_masks: (N, 1, M, M) mask probabilities; boxes: (N, 4) x0, y0, x1, y1 in the
+    (height, width) image; both on the model's device. Each mask is pasted by detectron2's
+    own `_do_paste_mask(skip_empty=True)` and thresholded `>= threshold` as
+    `paste_masks_in_image` does, so every pixel equals DefaultPredictor's full mask; the
+    crop is the box plus one pixel, clipped ((floor(x0) - 1, ceil(x1) + 1), as it pastes).
+
+    chunk: masks pasted per call. 1 on CPU (detectron2's choice: minimal work); on a GPU one
+    call per chunk over the chunk's union box, sized like detectron2's GPU_MEM_LIMIT, so
+    launches stay few; crops are then views into that region. Both give identical pixels:
+    each pixel's sampling grid is computed by the same float32 formula.
+    """
+    from detectron2.layers.mask_ops import BYTES_PER_FLOAT, GPU_MEM_LIMIT, _do_paste_mask
+
+    n = len(roi_masks)
+    if n == 0:
+        return CroppedMasks.empty(height, width)
+    with torch.autocast(roi_masks.device.type, enabled=False):
+        roi_masks, boxes = roi_masks.float(), boxes.float()
+        host = boxes.cpu().numpy()
+        x0 = np.maximum(np.floor(host[:, 0]) - 1, 0).astype(np.int64)
+        y0 = np.maximum(np.floor(host[:, 1]) - 1, 0).astype(np.int64)
+        x1 = np.minimum(np.ceil(host[:, 2]) + 1, width).astype(np.int64)
+        y1 = np.minimum(np.ceil(host[:, 3]) + 1, height).astype(np.int64)
+        if chunk is None:
+            union = (y1.max() - y0.min()) * (x1.max() - x0.min())
+            chunk = 1 if roi_masks.device.type == "cpu" else max(1, int(GPU_MEM_LIMIT // (union * BYTES_PER_FLOAT)))
+        crops = []
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            pasted, _ = _do_paste_mask(roi_masks[part], boxes[part], height, width, skip_empty=True)
+            pasted = pasted >= threshold
+            uy, ux = y0[part].min(), x0[part].min()
+            for k in range(start, min(start + chunk, n)):
+                crops.append(pasted[k - start, y0[k] - uy:y1[k] - uy, x0[k] - ux:x1[k] - ux])
+    regions = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)
+    return crops_to_host(crops, regions, height, width)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a detectron2 checkpoint without executing code from it.
+
+    `.pkl` (model zoo, Caffe2/Detectron1): checkpoints.load_pickle (numpy arrays only); anything
+    else: torch.load(weights_only=True). Then detectron2's own loading (name-matching heuristics,
+    Caffe2 conversion, shape checks). Parameters left unloaded are logged as a WARNING naming
+    how many and under which prefixes; a file that is not a checkpoint raises CheckpointError.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    class SafeCheckpointer(DetectionCheckpointer):
+        def _load_file(self, filename: str) -> dict[str, Any]:
+            if not filename.endswith(".pkl"):  # .pth -> _torch_load below; pycls .pyth: torch's default,
+                return super()._load_file(filename)  # weights_only=True since torch 2.6
+            data = checkpoints.load_pickle(filename)
+            if not isinstance(data, dict):
+                raise checkpoints.CheckpointError(f"{filename} is not a checkpoint (a pickled {type(data).__name__})")
+            # the same reading of the two .pkl layouts as DetectionCheckpointer._load_file
+            if "model" in data and "__author__" in data:
+                return data
+            data = data.get("blobs", data)
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+        def _torch_load(self, f: str) -> dict[str, Any]:
+            data = checkpoints.load_torch(f)
+            if not isinstance(data, dict):
+                raise checkpoints.CheckpointError(f"{f} is not a checkpoint (a {type(data).__name__})")
+            return data
+
+        def _log_incompatible_keys(self, incompatible) -> None:
+            super()._log_incompatible_keys(incompatible)
+            unloaded = [*incompatible.missing_keys, *(k for k, *_ in incompatible.incorrect_shapes)]
+            checkpoints.warn_missing(path, unloaded, len(self.model.state_dict()))
+
+    SafeCheckpointer(model).load(path)
+
+
 class Detectron2Backend(Detectron2Model):
-    """instance: boxes, scores, dataset ids and full-resolution masks."""
+    """instance: boxes, scores, dataset ids and masks cropped to their boxes."""
 
     def predict(self, images: list[ModelInput]) -> list[Detections]:
         results = []
-        for out in self.forward(images):
-            inst = out["instances"].to("cpu")
-            results.append(Detections(**self.detected(inst), masks=inst.pred_masks.numpy().astype(bool)))
+        for inst in self.instances(images):
+            height, width = inst.image_size
+            masks = paste_crops(inst.roi_masks, inst.pred_boxes.tensor, height, width)
+            results.append(Detections(**self.detected(inst), masks=masks))
         return results
 
 
@@ -173,15 +297,18 @@ class Detectron2KeypointBackend(Detectron2Model):
         return Categories(_things(d2cfg, load_label_map(cfg.label_map)), keypoint_names=names, skeleton=skeleton)
 
     def predict(self, images: list[ModelInput]) -> list[Keypoints]:
-        results = []
-        for out in self.forward(images):
-            inst = out["instances"].to("cpu")
-            results.append(Keypoints(**self.detected(inst), keypoints=inst.pred_keypoints.float().numpy()))
-        return results
+        return [
+            Keypoints(**self.detected(inst), keypoints=inst.pred_keypoints.float().cpu().numpy())
+            for inst in self.instances(images)
+        ]
 
 
 class Detectron2PanopticBackend(Detectron2Model):
-    """panoptic: the id map and segments, ids mapped as COCOPanopticEvaluator maps them."""
+    """panoptic: the id map and segments, ids mapped as COCOPanopticEvaluator maps them.
+
+    detectron2 combines full-resolution instance masks with the semantic map on the device;
+    only the id map comes to the host, in the narrowest dtype that holds its ids.
+    """
 
     @classmethod
     def categories(cls, cfg: ModelConfig) -> Categories:
@@ -207,12 +334,20 @@ class Detectron2PanopticBackend(Detectron2Model):
                     id=int(seg["id"]), category_id=table[int(seg["category_id"])].id,
                     isthing=bool(seg["isthing"]), score=float(seg["score"]) if "score" in seg else None,
                 ))
-            results.append(Panoptic(id_map=id_map.cpu().numpy().astype(np.int32), segments=segments))
+            largest = max((s.id for s in segments), default=0)
+            narrow = torch.uint8 if largest < 2**8 else torch.int16 if largest < 2**15 else torch.int32
+            results.append(Panoptic(id_map=id_map.to(narrow).cpu().numpy(), segments=segments))
         return results
 
 
 class DensePoseBackend(Detectron2Model):
-    """densepose: chart results quantized as DensePose's evaluator quantizes them."""
+    """densepose: chart results quantized as DensePose's evaluator quantizes them.
+
+    Charts are resampled over each box and quantized on the device (in fp32); only the
+    (3, h, w) uint8 charts come to the host, and the foreground mask is their I > 0 placed
+    where DensePose's ToMaskConverter pastes it: at the integer box (x, y, w, h), clipped to
+    the image.
+    """
 
     densepose = True
 
@@ -222,27 +357,54 @@ class DensePoseBackend(Detectron2Model):
         return Categories(given or {0: Category(1, "person")})  # DensePose R-CNN is a person model
 
     def predict(self, images: list[ModelInput]) -> list[DensePose]:
-        from densepose.converters import ToChartResultConverter, ToMaskConverter
-        from densepose.structures import quantize_densepose_chart_result
-
         results = []
-        for out in self.forward(images):
-            inst = out["instances"].to("cpu")
+        for inst in self.instances(images):
+            height, width = inst.image_size
             if not len(inst):  # DensePose's head adds no pred_densepose to an empty result
-                results.append(DensePose.empty(*inst.image_size))
+                results.append(DensePose.empty(height, width))
                 continue
-            masks = ToMaskConverter.convert(inst.pred_densepose, inst.pred_boxes, inst.image_size).tensor.numpy()
-            results.append(DensePose(
-                **self.detected(inst),
-                iuv=[
-                    quantize_densepose_chart_result(
-                        ToChartResultConverter.convert(inst.pred_densepose[k], inst.pred_boxes[k])
-                    ).labels_uv_uint8.numpy()
-                    for k in range(len(inst))
-                ],
-                masks=masks.astype(bool),
-            ))
+            detected = self.detected(inst)
+            iuv = _charts_to_host(_float_fields(inst.pred_densepose), inst.pred_boxes)
+            results.append(DensePose(**detected, iuv=iuv, masks=_foregrounds(iuv, detected["boxes"], height, width)))
         return results
+
+
+def _float_fields(output: Any) -> Any:
+    """A DensePose predictor output (a dataclass of tensors) with its floating fields in fp32."""
+    values = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    return dataclasses.replace(output, **{
+        k: v.float() for k, v in values.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    })
+
+
+def _charts_to_host(pred_densepose: Any, boxes: Any) -> list[np.ndarray]:
+    """DensePose's ToChartResultConverter + quantize_densepose_chart_result per person, on the
+    device; the (3, h_k, w_k) uint8 charts cross to the host in one copy."""
+    from densepose.converters import ToChartResultConverter
+    from densepose.structures import quantize_densepose_chart_result
+
+    charts = [
+        quantize_densepose_chart_result(ToChartResultConverter.convert(pred_densepose[k], boxes[k])).labels_uv_uint8
+        for k in range(len(boxes))
+    ]
+    flat = torch.cat([c.reshape(-1) for c in charts]).cpu().numpy()
+    ends = np.cumsum([c.numel() for c in charts])[:-1]
+    return [part.reshape(c.shape) for part, c in zip(np.split(flat, ends), charts)]
+
+
+def _foregrounds(iuv: list[np.ndarray], boxes: np.ndarray, height: int, width: int) -> CroppedMasks:
+    """Where ToMaskConverter (predictor_output_with_fine_and_coarse_segm_to_mask) pastes each
+    chart's I > 0: masks[y:y + h, x:x + w] with (x, y, w, h) = make_int_box of the XYWH box
+    (float32 w = x1 - x0, truncated toward zero), so rows/columns past the image are dropped
+    and a box under one pixel wide or high pastes nothing (its chart is still 1 pixel)."""
+    xywh = boxes.astype(np.float32).copy()
+    xywh[:, 2:] -= xywh[:, :2]
+    offsets, crops = [], []
+    for (x, y, w, h), chart in zip(np.trunc(xywh).astype(np.int64).tolist(), iuv):
+        h, w = max(min(h, height - y), 0), max(min(w, width - x), 0)
+        offsets.append([y, x])
+        crops.append(np.asfortranarray(chart[0, :h, :w] > 0))
+    return CroppedMasks(height, width, np.asarray(offsets, np.int64).reshape(-1, 2), tuple(crops))
 
 
 def _things(d2cfg, label_map: dict[int, Category] | None) -> dict[int, Category]:

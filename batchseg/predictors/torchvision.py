@@ -6,21 +6,26 @@ The number of classes is read from the checkpoint; class index -> dataset catego
 `label_map` (a fine-tuned model must give one), else torchvision's COCO table (index == COCO id).
 
 Images arrive already resized on the CPU stage (same rule as GeneralizedRCNNTransform), so
-the model's own resize is switched off and masks are pasted straight at original resolution.
+the model's own resize is switched off; they cross to the device as uint8. Masks are pasted at
+original resolution over their boxes only, on the device (paste_crops); only crops reach the host.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from torchvision.models import detection
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from batchseg.config import ModelConfig
 from batchseg.imaging import ShortestEdge
+from batchseg.predictors import checkpoints
 from batchseg.predictors.base import (
-    Categories, Category, Detections, ModelInput, Preprocessor, autocast, load_label_map,
+    Categories, Category, CroppedMasks, Detections, ModelInput, Preprocessor, autocast, load_label_map,
 )
+from batchseg.predictors.device import compute_in_fp32, crops_to_host, image_tensor, outputs_in_fp32
 
 ARCHITECTURES = {
     "maskrcnn_resnet50_fpn": (detection.maskrcnn_resnet50_fpn, detection.MaskRCNN_ResNet50_FPN_Weights),
@@ -58,12 +63,18 @@ class TorchvisionBackend:
             box_score_thresh=cfg.score_threshold,
         )
         if state is not None:
-            model.load_state_dict(state)
+            _load_strict(model, state, weights)
         t = model.transform
         model.transform = _PreResizedTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
         self.model = model.eval().to(device)
-        self.device = torch.device(device)
-        self.autocast = autocast(device, precision)
+        self.device, self.precision = torch.device(device), precision
+        # under fp16/bf16: anchors made and RPN deltas decoded in fp32 (torchvision makes anchors
+        # in the features' dtype, and its BoxCoder casts them to the deltas' dtype), the box
+        # predictor computed in fp32, mask logits handed to the paste in fp32
+        self.model.rpn.anchor_generator.register_forward_pre_hook(_fp32_anchors)
+        outputs_in_fp32(self.model.rpn.head)
+        compute_in_fp32(self.model.roi_heads.box_predictor, self.device.type)
+        outputs_in_fp32(self.model.roi_heads.mask_predictor)
 
     @staticmethod
     def categories(cfg: ModelConfig) -> Categories:
@@ -78,26 +89,56 @@ class TorchvisionBackend:
 
     @torch.inference_mode()
     def predict(self, images: list[ModelInput]) -> list[Detections]:
-        tensors = [
-            torch.from_numpy(x.image).to(self.device).permute(2, 0, 1).float().div_(255) for x in images
-        ]
+        tensors = [image_tensor(x.image, self.device).float().div_(255) for x in images]
         model = self.model
-        with self.autocast:
+        with autocast(str(self.device), self.precision):
             batch, _ = model.transform(tensors)
             features = model.backbone(batch.tensors)
             proposals, _ = model.rpn(batch, features)
             found, _ = model.roi_heads(features, proposals, batch.image_sizes)
-        found = model.transform.postprocess(found, batch.image_sizes, [(x.height, x.width) for x in images])
         results = []
-        for d in found:
+        for d, image_size, x in zip(found, batch.image_sizes, images):
+            probs = d.pop("masks")  # pasted below over each box only, not by postprocess at full size
+            d = model.transform.postprocess([d], [image_size], [(x.height, x.width)])[0]
             det = Detections(
                 boxes=d["boxes"].float().cpu().numpy(),
                 scores=d["scores"].float().cpu().numpy(),
                 category_ids=self._index_to_id[d["labels"].cpu().numpy()],
-                masks=(d["masks"][:, 0] > 0.5).cpu().numpy(),
+                masks=paste_crops(probs, d["boxes"], x.height, x.width),
             )
             results.append(det.select(det.category_ids >= 0))  # classes outside the label map
         return results
+
+
+def _fp32_anchors(_module: torch.nn.Module, args: tuple) -> tuple:
+    """AnchorGenerator reads only the shape, dtype and device of the feature maps: hand it
+    float32 stand-ins of the same shape (zero-stride, no memory) so anchors are made in fp32."""
+    image_list, features = args
+    return image_list, [torch.zeros((), dtype=torch.float32, device=f.device).expand(f.shape) for f in features]
+
+
+def paste_crops(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5) -> CroppedMasks:
+    """torchvision's paste_masks_in_image, over each box only, thresholded `> threshold`.
+
+    probs: (N, 1, M, M) mask probabilities; boxes: (N, 4) x0, y0, x1, y1 in the (height, width)
+    image, on the model's device. The same steps as torchvision's paste_mask_in_image
+    (expand_masks / expand_boxes by one pixel, integer box, bilinear resize to the box, the part
+    inside the image), which we cannot call because it allocates the full image per mask.
+    """
+    if len(probs) == 0:
+        return CroppedMasks.empty(height, width)
+    with torch.autocast(probs.device.type, enabled=False):
+        padded, scale = expand_masks(probs.float(), padding=1)
+        int_boxes = expand_boxes(boxes.float(), scale).to(dtype=torch.int64).tolist()
+        crops, regions = [], []
+        for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes):
+            w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+            resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
+            x1, y1 = max(x1, x0), max(y1, y0)  # a box entirely outside the image pastes nothing
+            crops.append(resized[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] > threshold)
+            regions.append([y0, x0, y1 - y0, x1 - x0])
+    return crops_to_host(crops, np.asarray(regions, np.int64), height, width)
 
 
 def _arch(cfg: ModelConfig) -> str:
@@ -108,12 +149,31 @@ def _arch(cfg: ModelConfig) -> str:
 
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A state dict or a references/detection checkpoint, loaded with weights_only=True."""
+    state = checkpoints.load_torch(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    if _CLS_WEIGHT not in state:
-        raise ValueError(f"{path} is not a Mask R-CNN state dict (no {_CLS_WEIGHT})")
+    if not isinstance(state, dict) or _CLS_WEIGHT not in state:
+        raise checkpoints.CheckpointError(f"{path} is not a Mask R-CNN state dict (no {_CLS_WEIGHT})")
     return state
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Every parameter must come from the checkpoint: a torchvision checkpoint is a whole model's
+    state dict, so a missing or misshapen key means the wrong architecture (e.g. _v2 weights for
+    the v1 model). Raises CheckpointError (one line) after a WARNING naming what would be left out."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
+        checkpoints.warn_missing(path, missing + misshapen, len(own))
+        raise checkpoints.CheckpointError(
+            f"{path} does not fit {type(model).__name__}: {len(missing)} keys missing"
+            f" ({checkpoints.prefixes(missing) or '-'}), {len(misshapen)} of another shape"
+            f" ({checkpoints.prefixes(misshapen) or '-'}), {len(unexpected)} unexpected; is it for another architecture?"
+        )
+    model.load_state_dict(state)
 
 
 def _coco_label_map(weights_enum) -> dict[int, Category]:
