@@ -394,12 +394,15 @@ class _S3Lister:
                 walk.emit(self._rows(page.get("Contents", ())))
                 self._descend(unit, [p["Prefix"] for p in page.get("CommonPrefixes", ())], walk)
         else:
-            found = 0
-            for page in self._pages(Prefix=unit):
-                contents = page.get("Contents", ())
-                found += len(contents)
-                walk.emit(self._rows(contents))
-            self._learn(1, found)
+            self._list_flat(unit, walk)
+
+    def _list_flat(self, prefix: str, walk: _Walk) -> None:
+        found = 0
+        for page in self._pages(Prefix=prefix):
+            contents = page.get("Contents", ())
+            found += len(contents)
+            walk.emit(self._rows(contents))
+        self._learn(1, found)
 
     def _descend(self, parent: str, prefixes: list[str], walk: _Walk) -> None:
         """Hand sub-prefixes to other workers while there is room, else list them here; in runs
@@ -409,7 +412,10 @@ class _S3Lister:
             group = prefixes[i:i + self._run()]
             unit = group[0] if len(group) == 1 else (parent, group[0], group[-1], len(group))
             if not walk.offer([unit]):
-                self._list_range(parent, group[0], group[-1], len(group), walk)
+                if len(group) == 1:  # a prefix's own listing ends at its last key; a range's only past it
+                    self._list_flat(group[0], walk)
+                else:
+                    self._list_range(parent, group[0], group[-1], len(group), walk)
             i += len(group)
 
     def _learn(self, prefixes: int, keys: int) -> None:
