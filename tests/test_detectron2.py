@@ -91,3 +91,140 @@ def test_unknown_zoo_config_fails_preflight():
 
     with pytest.raises(ConfigError, match="neither a file nor a model-zoo name"):
         run_job(inputs=["/tmp"], output="/tmp/never", models={"instance": {"backend": "detectron2", "model": "Nope/x.yaml", "random_init": True}})
+
+
+def _one_input(samples, cfg, name="street/scene_a.png"):
+    rgb = decode_rgb((samples.root / name).read_bytes(), 10**8)
+    return ModelInput(name, Detectron2Backend.preprocessor(cfg)(rgb), *rgb.shape[:2])
+
+
+def test_uint8_images_normalise_to_the_same_floats_as_float32_ones(samples, d2_model):
+    """The actor sends uint8 to the device; detectron2's (x - pixel_mean) / pixel_std gives the
+    same float32 tensor as DefaultPredictor's float32 conversion on the host."""
+    cfg, weights = d2_model
+    backend = Detectron2Backend(cfg, weights, "cpu", "fp32")
+    x = _one_input(samples, cfg)
+    ours = backend.model.preprocess_image(backend._inputs([x]))
+    theirs = backend.model.preprocess_image([{"image": torch.as_tensor(x.image.astype("float32").transpose(2, 0, 1))}])
+    assert backend._inputs([x])[0]["image"].dtype == torch.uint8
+    assert torch.equal(ours.tensor, theirs.tensor)
+
+
+def test_paste_over_boxes_equals_detectron2s_full_paste_in_any_chunking(samples, d2_model):
+    """paste_crops one mask per call (detectron2's CPU path) and all masks in one call over their
+    union box (the GPU chunking) give the pixels of detectron2's paste_masks_in_image: for the
+    model's own output and for random masks in boxes touching every border."""
+    from detectron2.layers.mask_ops import paste_masks_in_image
+
+    from batchseg.predictors.detectron2 import paste_crops
+
+    cfg, weights = d2_model
+    backend = Detectron2Backend(cfg, weights, "cpu", "fp32")
+    inst = backend.instances([_one_input(samples, cfg, "park/scene_c.bmp")])[0]
+    rng = np.random.default_rng(0)
+    height, width, n = 37, 53, 300
+    corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1) * [width, height]
+    boxes = np.concatenate([corners[:, 0], corners[:, 1]], axis=1)
+    border = np.array([0, 0, width, height], float)
+    for i, side in enumerate(rng.integers(0, 4, n // 2)):
+        boxes[i, side] = border[side]
+    boxes[:4] = [[0, 0, width, height], [0.3, 0.2, 0.9, 0.8], [width - 0.6, height - 0.7, width, height], [5, 5, 5.01, 30]]
+    cases = [
+        (inst.roi_masks, inst.pred_boxes.tensor, *inst.image_size),
+        (torch.from_numpy(rng.random((n, 1, 28, 28))).float(), torch.from_numpy(boxes).float(), height, width),
+    ]
+    for roi_masks, boxes, height, width in cases:
+        full = paste_masks_in_image(roi_masks[:, 0], boxes, (height, width)).numpy()
+        one, all_at_once = (paste_crops(roi_masks, boxes, height, width, chunk=c) for c in (1, len(boxes)))
+        assert len(one) == len(all_at_once) == len(full) > 0
+        for i in range(len(full)):
+            assert np.array_equal(one.full(i), full[i]) and np.array_equal(all_at_once.full(i), full[i]), i
+        assert one.nbytes < full.nbytes / 2  # only the crops moved
+
+
+def test_fp16_bf16_keep_box_decoding_and_paste_in_fp32(samples, d2_model, monkeypatch):
+    """No GPU here: CPU bf16 autocast stands in for CUDA autocast. The backbone and heads run in
+    bf16, while the box predictor (scores, box regression and its decoding) and the mask paste
+    stay fp32, as do the mask head's logits before they are pasted."""
+    import detectron2.layers.mask_ops as mask_ops
+
+    from batchseg.predictors import detectron2 as d2
+
+    cfg, weights = d2_model
+    backend = Detectron2Backend(cfg, weights, "cpu", "bf16")
+    monkeypatch.setattr(d2, "autocast", lambda device, precision: torch.autocast("cpu", dtype=torch.bfloat16))
+    model, seen = backend.model, {}
+
+    def record(name):
+        def hook(_module, _inputs, output):
+            seen.setdefault(name, output)
+        return hook
+
+    model.backbone.bottom_up.stem.register_forward_hook(record("backbone"))
+    model.roi_heads.box_head.register_forward_hook(record("box head"))
+    model.roi_heads.box_predictor.bbox_pred.register_forward_hook(record("box regression"))
+    model.roi_heads.box_predictor.cls_score.register_forward_hook(record("class scores"))
+    model.roi_heads.mask_head.predictor.register_forward_hook(record("mask logits"))
+    paste = mask_ops._do_paste_mask
+
+    def recorded_paste(masks, boxes, *args, **kwargs):
+        seen.setdefault("paste", (masks.dtype, boxes.dtype, torch.is_autocast_enabled("cpu")))
+        return paste(masks, boxes, *args, **kwargs)
+
+    monkeypatch.setattr(mask_ops, "_do_paste_mask", recorded_paste)
+    det = backend.predict([_one_input(samples, cfg)])[0]
+    assert seen["backbone"].dtype == seen["box head"].dtype == torch.bfloat16  # autocast is on
+    assert seen["box regression"].dtype == seen["class scores"].dtype == torch.float32
+    assert seen["mask logits"].dtype == torch.float32
+    assert seen["paste"] == (torch.float32, torch.float32, False)
+    assert det.boxes.dtype == np.float32 and len(det.scores) > 0
+
+
+def test_zoo_pkl_checkpoint_loads_through_the_restricted_unpickler(d2_model, tmp_path):
+    """A model-zoo style .pkl ({"model": numpy arrays, "__author__": ...}) loads; one that would
+    run code is refused with one line, and the code does not run."""
+    import os
+    import pickle
+
+    from batchseg.predictors.checkpoints import CheckpointError
+
+    cfg, weights = d2_model
+    state = torch.load(weights, weights_only=True)["model"]
+    pkl = tmp_path / "model_final.pkl"
+    pkl.write_bytes(pickle.dumps({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "Detectron2 Model Zoo"},
+                                 protocol=2))
+    backend = Detectron2Backend(cfg, str(pkl), "cpu", "fp32")
+    assert all(torch.equal(v, state[k]) for k, v in backend.model.state_dict().items() if k in state)
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"model": {}, "__author__": Payload()}))
+    with pytest.raises(CheckpointError, match="refusing to load global .*system") as e:
+        Detectron2Backend(cfg, str(evil), "cpu", "fp32")
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+def test_partial_or_foreign_checkpoints_warn_or_fail_in_one_line(d2_model, tmp_path, caplog):
+    from batchseg.predictors.checkpoints import CheckpointError
+
+    cfg, weights = d2_model
+    state = torch.load(weights, weights_only=True)["model"]
+    partial = tmp_path / "backbone_only.pth"
+    torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, partial)
+    with caplog.at_level("WARNING", logger="batchseg"):
+        Detectron2Backend(cfg, str(partial), "cpu", "fp32")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("batchseg")]
+    assert len(warnings) == 1 and "unloaded" in warnings[0]
+    assert "roi_heads.box_predictor" in warnings[0] and "proposal_generator.rpn_head" in warnings[0]
+
+    for name, content in (("notes.pth", b"not a checkpoint"), ("notes.pkl", b"not a pickle"), ("list.pth", None)):
+        path = tmp_path / name
+        torch.save([1, 2], path) if content is None else path.write_bytes(content)
+        with pytest.raises(CheckpointError, match="not a") as e:
+            Detectron2Backend(cfg, str(path), "cpu", "fp32")
+        assert "\n" not in str(e.value)
