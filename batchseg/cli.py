@@ -235,6 +235,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     job = config_from_args(args)
     job_module.preflight(job)
+    _check_local_device(job)
     if args.dry_run:
         print(json.dumps(job.model_dump(mode="json"), indent=2))
         return EXIT_OK
@@ -246,6 +247,17 @@ def run_command(args: argparse.Namespace) -> int:
               f"{job.max_failed_fraction}; the failed list is {summary['failed_list']}", file=sys.stderr)
         return EXIT_FAILURE_BUDGET
     return EXIT_OK
+
+
+def _check_local_device(job: JobConfig) -> None:
+    """device cuda on the local Ray this command would start, on a machine without CUDA: the
+    actors would wait for a GPU forever. (A cluster may add GPU nodes later; it is not checked.)"""
+    if job.device == "cuda" and ray_address(job) == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device is cuda but this machine has no usable CUDA GPU (torch.cuda.is_available() "
+                              "is False); use --device cpu (or auto), or --ray-address a cluster with GPUs")
 
 
 def _start_ray(job: JobConfig) -> None:
@@ -282,7 +294,7 @@ def add_export(commands: argparse._SubParsersAction) -> None:
                       description="Write a results dataset in an annotation tool's format. "
                                   "`batchseg export FORMAT --help` says what each format writes.")
     formats = export.add_subparsers(title="formats", dest="format", required=True, metavar="FORMAT",
-                                    parser_class=_Parser)
+                                    parser_class=_Parser, help="the annotation tool's format")
     for add in EXPORT_FORMATS:
         add(formats)
 
@@ -444,7 +456,10 @@ def eval_command(args: argparse.Namespace) -> int:
     results = _open_results(args)
     _require_file("--gt", args.gt, storage)
     with _reaching(f"--gt {args.gt}"):
-        metrics = evaluate(results, args.gt, args.gt_panoptic_dir, storage.options(args.gt))
+        try:
+            metrics = evaluate(results, args.gt, args.gt_panoptic_dir, storage.options(args.gt))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--gt {args.gt} is not JSON ({e}); give a COCO ground-truth JSON") from None
     print(format_table(metrics))
     out = args.out or f"{args.results.rstrip('/')}/eval.json"
     with _reaching(f"--out {out}"):
@@ -602,7 +617,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_exp
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchseg", description=__doc__.split("\n\n")[0], epilog=RUN_EXIT_CODES)
-    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND",
+                                     help="`batchseg COMMAND --help` for its options")
     for add in COMMANDS:
         add(commands)
     return parser
