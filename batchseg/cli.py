@@ -234,13 +234,13 @@ def run_command(args: argparse.Namespace) -> int:
     from batchseg import job as job_module
 
     job = config_from_args(args)
-    job_module.preflight(job)
     _check_local_device(job)
+    prepared = job_module.preflight(job)
     if args.dry_run:
         print(json.dumps(job.model_dump(mode="json"), indent=2))
         return EXIT_OK
     _start_ray(job)
-    summary = job_module.run(job)
+    summary = job_module.run(job, prepared)
     print(_summary_line(summary))
     if summary["status"] == "failure_budget_exceeded":
         print(f"batchseg: {summary['failed_fraction']:.1%} of images failed, over max_failed_fraction="
