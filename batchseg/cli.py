@@ -573,6 +573,10 @@ project (no sync needed) and Label Studio serves them; --url-map rewrites prefix
                     help="the predictions' model_version (default: each run's provenance label)")
     ls.add_argument("--url-map", action="append", default=[], metavar="PREFIX=URL",
                     help="rewrite image URIs starting with PREFIX, e.g. file:///data/=http://host:8081/; repeatable")
+    ls.add_argument("--lookup", choices=["auto", "query", "index"], default="auto",
+                    help="how existing tasks are found: Label Studio filter queries per chunk (each scans the "
+                         "project), or one listing of the project (about 1 ms a task); auto: none into an empty "
+                         "project, a listing for pushes over 10000 rows, else queries")
     ls.add_argument("--receipt", metavar="PATH", help="where the receipt goes (local or s3://)")
     ls.add_argument("--spool-dir", metavar="DIR",
                     help="local folder for the ordering spool, about the size of the rows (default: TMPDIR)")
@@ -590,7 +594,7 @@ def push_labelstudio_command(args: argparse.Namespace) -> int:
         raise ConfigError("--chunk-size must be at least 1, --max-chunk-mb and --timeout above 0, --retries 0 or more")
     settings = PushSettings(chunk_size=args.chunk_size, max_chunk_bytes=int(args.max_chunk_mb * 2**20),
                             retries=args.retries, timeout_s=args.timeout, model_version=args.model_version,
-                            url_map=[_pair(m) for m in args.url_map], spool_dir=args.spool_dir)
+                            url_map=[_pair(m) for m in args.url_map], spool_dir=args.spool_dir, lookup=args.lookup)
     results = _open_results(args)
     try:
         receipt = push_labelstudio(results, args.url, args.project, os.environ.get("LABEL_STUDIO_API_KEY"), settings,

@@ -103,22 +103,24 @@ def test_push_creates_the_project_and_tasks_that_match_the_parquet(output, label
 def test_push_again_adds_nothing(output, label_studio, client, title):
     rows = _good_rows(output)
     receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=5)
-    assert not receipt["project"]["created"] and receipt["lookups"]
+    assert not receipt["project"]["created"] and receipt["lookup"] == "query"
     assert receipt["tasks"] == {"created": 0, "updated": 0, "skipped": len(rows)}
-    again = _push(output, label_studio.url, label_studio.token, str(receipt["project"]["id"]))  # by id
-    assert again["tasks"]["skipped"] == len(rows)
+    # by id, and finding tasks through a listing of the project instead of filter queries
+    again = _push(output, label_studio.url, label_studio.token, str(receipt["project"]["id"]), lookup="index")
+    assert again["lookup"] == "index" and again["tasks"] == {"created": 0, "updated": 0, "skipped": len(rows)}
     assert len(_tasks(client, receipt["project"]["id"])) == len(rows)
 
 
-def test_a_newer_run_replaces_predictions_not_tasks(output, samples, label_studio, client, title):
+@pytest.mark.parametrize("threshold, lookup", [(0.95, "query"), (0.0, "index")])
+def test_a_newer_run_replaces_predictions_not_tasks(threshold, lookup, output, samples, label_studio, client, title):
     first = _push(output, label_studio.url, label_studio.token, title)
     project_id = first["project"]["id"]
-    # annotate everything again with a stricter threshold: fewer instances, a newer run id
+    # annotate everything again with another threshold: other instances, a newer run id
     run_job(inputs=[str(samples.root)], output=str(output), tasks=["instance", "panoptic"], overwrite=True,
-            models={**ORACLES, "instance": {**ORACLES["instance"], "score_threshold": 0.95}})
+            models={**ORACLES, "instance": {**ORACLES["instance"], "score_threshold": threshold}})
     rows = _good_rows(output)
     (new_run,) = {r["run"] for r in rows.values()}
-    receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=6)
+    receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=6, lookup=lookup)
     assert receipt["tasks"] == {"created": 0, "updated": len(rows), "skipped": 0}
     assert list(receipt["runs"]) == [new_run]
     tasks = _tasks(client, project_id)

@@ -7,13 +7,20 @@
   per row in memory (priority and file offset), then reads the rows back in order: memory is
   flat in the row count apart from those 16 bytes, and the dataset is read once
   (benchmarks/labelstudio_order.py measures it).
-- Idempotent: a task is found by `data.image_id` (exact 64-bit match through Label Studio's
-  Data Manager `in_list` filter, one query per lookup batch, never a download of the project).
-  A task that already holds this run's predictions is skipped; one holding an older run's gets
-  its predictions replaced (Data Manager action `delete_tasks_predictions`, then a bulk
-  prediction import) and its data updated (`batchseg_run` last: it marks the replacement
-  done). Annotations made by people are never touched. Lookups are skipped while the project
-  was empty when the push began (every task is then new) except to verify a retried import.
+- Idempotent: a task is found by `data.image_id`. A task that already holds this run's
+  predictions is skipped; one holding an older run's gets its predictions replaced (Data
+  Manager action `delete_tasks_predictions`, then a bulk prediction import) and its data
+  updated (`batchseg_run` last: it marks the replacement done). Annotations made by people are
+  never touched. How tasks are found (`lookup`):
+    "query": per chunk, Label Studio's Data Manager `in_list` filter on data.image_id (exact
+             64-bit match), LOOKUP_BATCH ids per request. Each query scans the project's
+             tasks in Label Studio's database (~0.7 s for 50k tasks on SQLite here).
+    "index": the project's (task id, image_id, run) listed once, 20 bytes a task in memory
+             (~1 ms a task to list). Cheaper than queries once a push needs more than
+             INDEX_AFTER_QUERIES of them.
+    "auto":  no lookups while the project is empty (every task is new), else "index" for a
+             push of more than LOOKUP_BATCH * INDEX_AFTER_QUERIES rows, else "query".
+  A retried import always asks the server (a query), whatever the mode.
 - Chunks: at most `chunk_size` tasks and `max_chunk_bytes` of JSON per import request.
 - Retries: timeouts, dropped connections and HTTP 408/429/5xx are retried `retries` times with
   exponential backoff; a task import is retried only for the images a lookup does not find,
@@ -31,7 +38,7 @@ import pickle
 import tempfile
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -51,7 +58,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-LOOKUP_BATCH = 200  # image ids per lookup query (they travel in the URL)
+LOOKUP_BATCH = 200  # image ids per lookup query (they travel in the URL: ~5 kB)
+INDEX_AFTER_QUERIES = 50  # measured: one query scans all tasks, ~1/60 of what listing them costs
 RECEIPTS = "labelstudio_push"
 
 
@@ -73,6 +81,7 @@ class PushSettings:
     model_version: str | None = None  # overrides each run's provenance label
     url_map: list[tuple[str, str]] = field(default_factory=list)
     spool_dir: str | None = None  # where the ordering spool goes (default: the system temp folder)
+    lookup: str = "auto"  # how existing tasks are found: auto | query | index (module docstring)
 
 
 def push_labelstudio(results: Results, url: str, project: str, api_key: str | None,
@@ -96,10 +105,12 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
     try:
         project_id, created = server.project(project, labeling_config(results.categories))
         record["project"] = {"id": project_id, "title": server.title, "created": created}
-        sync = Sync(server, project_id, lookups=server.task_count(project_id) > 0)
-        record.update(lookups=sync.lookups, chunks=sync.chunks, runs=sync.runs)
+        existing = server.task_count(project_id)
         with WorstFirst(results.rows(COLUMNS), settings.spool_dir) as ordered:
             record["rows"] = ordered.count
+            lookup = _lookup_mode(settings.lookup, existing, ordered.count)
+            sync = Sync(server, project_id, lookup)
+            record.update(lookup=lookup, chunks=sync.chunks, runs=sync.runs)
             for chunk in _chunks(ordered, make, settings):
                 sync.push(chunk)
         server.set_model_version(project_id, sync.newest_version())
@@ -109,9 +120,9 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
         raise
     finally:
         record.update(finished=_now().isoformat(), stats=make.stats.as_dict())
-        if "project" in record:
-            record["tasks"] = {k: sum(c[k] for c in record["chunks"]) for k in ("created", "updated", "skipped")}
-            record["retries"] = sum(c["retries"] for c in record["chunks"])
+        chunks = record.get("chunks", [])
+        record["tasks"] = {k: sum(c[k] for c in chunks) for k in ("created", "updated", "skipped")}
+        record["retries"] = server.retried
         record["receipt"] = receipt_uri
         write_json(receipt_uri, record, storage_options or {})
     return record
@@ -119,6 +130,16 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _lookup_mode(asked: str, existing_tasks: int, rows: int) -> str:
+    if asked not in ("auto", "query", "index"):
+        raise ConfigError(f"lookup must be auto, query or index (got {asked!r})")
+    if asked != "auto":
+        return asked
+    if not existing_tasks:
+        return "none"
+    return "index" if rows > LOOKUP_BATCH * INDEX_AFTER_QUERIES else "query"
 
 
 # ---- worst first ------------------------------------------------------------------------------
@@ -256,12 +277,30 @@ class Server:
             batch = image_ids[start:start + LOOKUP_BATCH]
             query = json.dumps({"filters": {"conjunction": "and", "items": [{
                 "filter": "filter:tasks:data.image_id", "operator": "in_list", "type": "String", "value": batch}]}})
-            tasks = self.call("find tasks", lambda: list(self.client.tasks.list(
-                project=project_id, query=query, include="id,data", resolve_uri=False, page_size=len(batch) + 50)))
+            size = len(batch) + 50
+            tasks = self.call("find tasks", lambda: self._first_pages(self.client.tasks.list(
+                project=project_id, query=query, include="id,data", resolve_uri=False, page_size=size), size))
             for task in tasks:
                 data = task.data or {}
                 found.setdefault(data.get("image_id"), []).append((task.id, data.get("batchseg_run") or ""))
         return found
+
+    @staticmethod
+    def _first_pages(pager, size: int) -> list:
+        """The first page; the rest only when it is full (the SDK's pager otherwise asks for
+        one more page, which Label Studio answers with a 404 after running the query again)."""
+        items = list(pager.items or [])
+        return list(pager) if len(items) >= size else items
+
+    def index(self, project_id: int) -> "ProjectIndex":
+        """The project's tasks listed once into a ProjectIndex."""
+        def entries() -> Iterator[tuple[int, int, str]]:
+            for task in self.client.tasks.list(project=project_id, include="id,data", resolve_uri=False, page_size=1000):
+                data = task.data or {}
+                if isinstance(data.get("image_id"), int):  # else not a batchseg task
+                    yield data["image_id"], task.id, data.get("batchseg_run") or ""
+
+        return self.call("list tasks", lambda: ProjectIndex(entries()))
 
     def set_model_version(self, project_id: int, version: str | None) -> None:
         """Show the newest pushed label's predictions as pre-annotations, unless the project
@@ -271,6 +310,33 @@ class Server:
         current = self.call("read project", lambda: self.client.projects.get(id=project_id)).model_version or ""
         if current != version and (not current or current.startswith("batchseg-")):
             self.call("update project", lambda: self.client.projects.update(id=project_id, model_version=version))
+
+
+class ProjectIndex:
+    """image_id -> [(task id, batchseg_run)] of a listed project, as arrays sorted by image_id
+    (20 bytes a task; the distinct run ids are few)."""
+
+    def __init__(self, entries: Iterable[tuple[int, int, str]]) -> None:
+        ids, tasks, runs = array("q"), array("q"), array("i")
+        names: dict[str, int] = {}
+        for image_id, task_id, run in entries:
+            ids.append(image_id)
+            tasks.append(task_id)
+            runs.append(names.setdefault(run, len(names)))
+        order = np.argsort(np.frombuffer(ids, np.int64), kind="stable")
+        self.ids = np.frombuffer(ids, np.int64)[order]
+        self.tasks = np.frombuffer(tasks, np.int64)[order]
+        self.runs = np.frombuffer(runs, np.int32)[order]
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def find(self, image_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
+        query = np.asarray(image_ids, np.int64)
+        lo, hi = np.searchsorted(self.ids, query, "left"), np.searchsorted(self.ids, query, "right")
+        return {int(i): [(int(self.tasks[k]), self.names[self.runs[k]]) for k in range(a, b)]
+                for i, a, b in zip(query, lo, hi) if b > a}
 
 
 def _body(e: Exception) -> str:
@@ -285,10 +351,12 @@ def _describe(e: Exception) -> str:
 # ---- one chunk ----------------------------------------------------------------------------------
 
 class Sync:
-    """Creates, updates or skips each chunk's tasks; counts into `chunks` and `runs`."""
+    """Creates, updates or skips each chunk's tasks; counts into `chunks` and `runs`.
+    `lookup`: "none", "query" or "index" (module docstring)."""
 
-    def __init__(self, server: Server, project_id: int, lookups: bool) -> None:
-        self.server, self.project_id, self.lookups = server, project_id, lookups
+    def __init__(self, server: Server, project_id: int, lookup: str) -> None:
+        self.server, self.project_id, self.lookup = server, project_id, lookup
+        self.index = server.index(project_id) if lookup == "index" else None
         self.chunks: list[dict[str, Any]] = []
         self.runs: dict[str, dict[str, Any]] = {}
 
@@ -298,7 +366,11 @@ class Sync:
     def push(self, chunk: Chunk) -> None:
         began, retried = time.monotonic(), self.server.retried
         tasks = chunk.tasks
-        existing = self.server.find(self.project_id, [t["data"]["image_id"] for t in tasks]) if self.lookups else {}
+        ids = [t["data"]["image_id"] for t in tasks]
+        if self.index is not None:
+            existing = self.index.find(ids)
+        else:
+            existing = self.server.find(self.project_id, ids) if self.lookup == "query" else {}
         new = [t for t in tasks if t["data"]["image_id"] not in existing]
         stale = [(task_id, t) for t in tasks for task_id, run in existing.get(t["data"]["image_id"], [])
                  if run < t["data"]["batchseg_run"]]
