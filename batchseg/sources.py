@@ -20,7 +20,7 @@ import stat
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -61,7 +61,7 @@ class Input:
 
     kind: str
     uri: str
-    row: dict[str, Any] | None = None
+    row: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def classify(uri: str, storage_options: dict[str, Any]) -> Input:
