@@ -534,7 +534,7 @@ def review_command(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(item))
         else:
-            priority = "   -  " if item["review_priority"] is None else f"{item['review_priority']:.3f}"
+            priority = "    -  " if item["review_priority"] is None else f"{item['review_priority']:.4f}"
             print(f"{priority}  {item['image_uri']}  {item['reason']}")
     return EXIT_OK
 

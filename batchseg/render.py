@@ -409,7 +409,7 @@ def _index(cells, results: Results) -> str:
             f"<figcaption>{column}: {html.escape(note)}</figcaption></figure>" for column, name, note in panels)
         review = row.get("review")
         if review:
-            priority = "-" if review["review_priority"] is None else f"{review['review_priority']:.3f}"
+            priority = "-" if review["review_priority"] is None else f"{review['review_priority']:.4f}"
             caption += f"<br>review priority {priority}: {html.escape(review['reason'])}"
         rows.append(f'<div class="cell"><p>{caption} ({row["width"]}×{row["height"]})</p>{figures}</div>')
     summary = results.run.get("images", {})

@@ -144,7 +144,7 @@ def test_review_lists_highest_priority_first_older_rows_last(queue_folder):
     assert [line.split()[1].rsplit("/", 2)[-2:] for line in lines] == [
         ["new", "1.jpg"], ["new", "4.jpg"], ["new", "3.jpg"], ["new", "0.jpg"],  # by priority
         ["new", "2.jpg"], ["old", "0.jpg"]]  # no priority (failed, older run): reading order, newest run first
-    assert lines[0].startswith("0.950  s3://lake/new/1.jpg  instances: 3 instances, lowest score")
+    assert lines[0].startswith("0.9500  s3://lake/new/1.jpg  instances: 3 instances, lowest score")
     assert "no review_priority (written by an older batchseg)" in lines[-1]
 
 
@@ -162,7 +162,7 @@ def test_render_review_draws_the_queue_in_order(tmp_path):
     result = cli("render", str(folder), str(tmp_path / "out"), "--review", "--limit", "1")
     assert result.returncode == 0, result.stderr
     index = (tmp_path / "out" / "index.html").read_text()
-    assert "crowd.png" in index and "plain.png" not in index and "review priority 0.900" in index
+    assert "crowd.png" in index and "plain.png" not in index and "review priority 0.9000" in index
 
 
 @pytest.mark.parametrize("args, message", [
