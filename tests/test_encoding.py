@@ -231,7 +231,7 @@ def test_panoptic_in_one_pass_equals_the_full_image_reference(dtype, seed):
     if seed % 2:
         id_map[-1, -1] = n  # a segment that owns the last pixel
     segments = [PanopticSegment(i, 100 + i, i % 3 == 0, 0.5 if i % 3 == 0 else None) for i in range(1, n + 2)]  # n + 1: absent
-    pan = Panoptic(id_map.astype(dtype), segments[::-1])
+    pan = Panoptic(np.array(id_map, dtype, order="F" if seed % 2 else "C"), segments[::-1])  # backends: F
     assert encode_panoptic(pan) == reference.encode_panoptic(Panoptic(id_map.astype(np.int32), segments))
     allowed = {100 + i for i in range(1, n + 2, 2)}
     assert encode_panoptic(pan, allowed=allowed) == reference.encode_panoptic(pan, allowed=allowed)

@@ -215,8 +215,9 @@ class PanopticSegment:
 
 @dataclass
 class Panoptic:
-    """id_map: (H, W) unsigned or int32 integers, 0 = void, else a segment id; backends hand over
-    the narrowest dtype that holds the ids (uint8 for fewer than 256 segments).
+    """id_map: (H, W) integers, 0 = void, else a segment id. Backends hand over the narrowest
+    dtype that holds the ids (uint8 for fewer than 256 segments), column-major (Fortran order,
+    as COCO RLE reads it) so the encoder reads it without a transpose; any order is correct.
     segments: one per id in the map."""
 
     id_map: np.ndarray

@@ -307,7 +307,7 @@ class Detectron2PanopticBackend(Detectron2Model):
     """panoptic: the id map and segments, ids mapped as COCOPanopticEvaluator maps them.
 
     detectron2 combines full-resolution instance masks with the semantic map on the device;
-    only the id map comes to the host, in the narrowest dtype that holds its ids.
+    only the id map comes to the host, in the narrowest dtype that holds its ids, column-major.
     """
 
     @classmethod
@@ -336,7 +336,8 @@ class Detectron2PanopticBackend(Detectron2Model):
                 ))
             largest = max((s.id for s in segments), default=0)
             narrow = torch.uint8 if largest < 2**8 else torch.int16 if largest < 2**15 else torch.int32
-            results.append(Panoptic(id_map=id_map.to(narrow).cpu().numpy(), segments=segments))
+            column_major = id_map.to(narrow).t().contiguous().cpu().numpy().T  # transposed on the device
+            results.append(Panoptic(id_map=column_major, segments=segments))
         return results
 
 
