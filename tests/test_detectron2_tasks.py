@@ -138,3 +138,33 @@ def test_densepose_equals_the_densepose_evaluator_result(samples, weights, name)
         assert g["bbox"] == pytest.approx(e["bbox"], abs=1e-3)
         assert np.array_equal(decode_iuv(g["iuv_png"]), e["densepose"].labels_uv_uint8.numpy())
         assert g["segmentation"]["counts"] == e["segmentation"]["counts"]
+
+
+def test_densepose_foreground_crops_equal_to_mask_converter_for_boxes_on_every_border():
+    """Our foreground crops (I > 0 of the quantized chart, at the integer box, clipped) equal
+    DensePose's ToMaskConverter full-image masks, for boxes on every border and under a pixel."""
+    pytest.importorskip("densepose")
+    from densepose.converters import ToMaskConverter
+    from densepose.structures import DensePoseChartPredictorOutput
+    from detectron2.structures import Boxes
+
+    from batchseg.predictors.detectron2 import _charts_to_host, _foregrounds
+
+    rng = np.random.default_rng(0)
+    height, width, n = 41, 57, 60
+    corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1) * [width, height]
+    boxes = np.concatenate([corners[:, 0], corners[:, 1]], axis=1)
+    border = np.array([0, 0, width, height], float)
+    for i, side in enumerate(rng.integers(0, 4, n // 2)):
+        boxes[i, side] = border[side]
+    boxes[:5] = [[0, 0, width, height], [3.5, 4.2, 3.9, 30], [10, 10, 40, 10.7], [0.2, 0.3, 0.9, 0.95],
+                 [width - 0.4, height - 0.6, width, height]]
+    boxes = Boxes(torch.from_numpy(boxes).float())
+    output = DensePoseChartPredictorOutput(
+        coarse_segm=torch.randn(n, 2, 16, 16), fine_segm=torch.randn(n, 25, 16, 16),
+        u=torch.rand(n, 25, 16, 16), v=torch.rand(n, 25, 16, 16),
+    )
+    expected = ToMaskConverter.convert(output, boxes, (height, width)).tensor.numpy()
+    got = _foregrounds(_charts_to_host(output, boxes), boxes.tensor.numpy(), height, width)
+    for i in range(n):
+        assert np.array_equal(got.full(i), expected[i]), i
