@@ -93,17 +93,12 @@ def _panels(row: dict[str, Any], dest: str, storage: StorageConfig, names: dict[
 
 
 def _review_rows(results: Results, limit: int, columns: list[str]) -> list[dict[str, Any]]:
-    """The full rows of the review queue's images, worst first. A second pass over the results
-    that stops as soon as it has them all."""
-    queue = review_queue(results, limit)
-    order = {item["image_id"]: i for i, item in enumerate(queue)}
-    found: dict[int, dict[str, Any]] = {}
-    for row in results.rows(columns):
-        if row["image_id"] in order:
-            found[row["image_id"]] = {**row, "review": queue[order[row["image_id"]]]}
-            if len(found) == len(order):
-                break
-    return sorted(found.values(), key=lambda row: order[row["image_id"]])
+    """The full rows of the review queue's images, worst first, each with its queue item
+    under "review"; read from the row groups that hold them."""
+    picks = _pick(results, limit)
+    queue = _queue_items(results, picks)
+    rows = _read_picked(results, picks, ["image_id", *columns])
+    return [{**row, "review": item} for row, item in zip(rows, queue)]
 
 
 @dataclass(frozen=True)
@@ -126,6 +121,11 @@ def review_queue(results: Results, top: int) -> list[dict[str, Any]]:
     and the first pass repeats without them until none is (once, unless the best rows were
     re-annotated). Only the picked rows' other columns are read.
     """
+    return _queue_items(results, _pick(results, top))
+
+
+def _pick(results: Results, top: int) -> list[_Pick]:
+    """The `top` newest rows with the highest keys, best first (see review_queue)."""
     replaced: set[tuple[int, str]] = set()
     while True:
         picks = _rank(results, top, replaced)
@@ -135,9 +135,14 @@ def review_queue(results: Results, top: int) -> list[dict[str, Any]]:
             break
         replaced |= outdated
     unique = {p.image_id: p for p in reversed(picks)}  # an image twice in one run: its best row
-    rows = _details(results, sorted(unique.values(), key=lambda p: (-p.key, p.order)))
+    return sorted(unique.values(), key=lambda p: (-p.key, p.order))
+
+
+def _queue_items(results: Results, picks: list[_Pick]) -> list[dict[str, Any]]:
+    wanted = ["image_id", "image_uri", "error", "review_priority", *(f"{c}.list.element.score" for c in COLUMNS)]
     return [{"image_id": row["image_id"], "image_uri": row["image_uri"], "run": row["run"],
-             "review_priority": row.get("review_priority"), "reason": _reason(row, results)} for row in rows]
+             "review_priority": row.get("review_priority"), "reason": _reason(row, results)}
+            for row in _read_picked(results, picks, wanted)]
 
 
 def _rank(results: Results, top: int, skip: set[tuple[int, str]]) -> list[_Pick]:
@@ -180,19 +185,21 @@ def _newest_runs(results: Results, ids: set[int]) -> dict[int, str]:
     return newest
 
 
-def _details(results: Results, picks: list[_Pick]) -> list[dict[str, Any]]:
-    """The picked rows with what a reason needs (URI, error, scores), in `picks` order; reads
-    only the row groups that hold them."""
-    wanted = ["image_id", "image_uri", "error", "review_priority", *(f"{c}.list.element.score" for c in COLUMNS)]
+def _read_picked(results: Results, picks: list[_Pick], columns: list[str]) -> list[dict[str, Any]]:
+    """The picked rows' `columns` (those each file has; nested leaves allowed) plus "run", in
+    `picks` order; reads only the row groups that hold them."""
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for path in dict.fromkeys(p.path for p in picks):
         with results.fs.open(path, "rb") as f:
             reader = _reader(f)
             starts = np.cumsum([0] + [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)])
-            for index in sorted({p.index for p in picks if p.path == path}):
-                group = int(np.searchsorted(starts, index, side="right")) - 1
-                table = reader.read_row_group(group, columns=_present(reader.schema_arrow, wanted))
-                rows[path, index] = {**table.slice(index - starts[group], 1).to_pylist()[0], "run": run_of(path)}
+            indices = sorted({p.index for p in picks if p.path == path})
+            groups = np.searchsorted(starts, indices, side="right") - 1
+            for group in np.unique(groups).tolist():
+                table = reader.read_row_group(group, columns=_present(reader.schema_arrow, columns))
+                wanted = [i for i, g in zip(indices, groups) if g == group]
+                for index, row in zip(wanted, table.take([i - starts[group] for i in wanted]).to_pylist()):
+                    rows[path, index] = {**row, "run": run_of(path)}
     return [rows[p.path, p.index] for p in picks]
 
 

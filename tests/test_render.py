@@ -198,3 +198,18 @@ def test_review_memory_is_flat_in_the_row_count(tmp_path):
 
     small, large = peak(100_000), peak(400_000)
     assert large < small * 1.5 + 2**20, (small, large)
+
+
+def test_review_takes_each_image_at_its_newest_row(tmp_path):
+    """x.jpg was the worst image of the older run; the newer run re-annotated it and it is fine now."""
+    folder = tmp_path / "res"
+    folder.mkdir()
+    write_run(folder, "20250101T000000Z-old000", [row("s3://lake/x.jpg", review_priority=0.99, instances=[]),
+                                                  row("s3://lake/z.jpg", review_priority=0.3, instances=[])])
+    write_run(folder, "20260101T000000Z-new000", [row("s3://lake/x.jpg", review_priority=0.1, instances=[]),
+                                                  row("s3://lake/y.jpg", review_priority=0.5, instances=[])])
+    results = open_results(str(folder))
+    assert [(i["image_uri"], i["review_priority"]) for i in review_queue(results, 1)] == [("s3://lake/y.jpg", 0.5)]
+    assert [(i["image_uri"], i["run"]) for i in review_queue(results, 3)] == [
+        ("s3://lake/y.jpg", "20260101T000000Z-new000"), ("s3://lake/z.jpg", "20250101T000000Z-old000"),
+        ("s3://lake/x.jpg", "20260101T000000Z-new000")]
