@@ -644,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batchseg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `batchseg review ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a producer stopped this way
     except Exception as e:
         line = user_error(e)  # a storage or path problem surfacing where no check caught it
         if line is None:

@@ -213,3 +213,18 @@ def test_review_takes_each_image_at_its_newest_row(tmp_path):
     assert [(i["image_uri"], i["run"]) for i in review_queue(results, 3)] == [
         ("s3://lake/y.jpg", "20260101T000000Z-new000"), ("s3://lake/z.jpg", "20250101T000000Z-old000"),
         ("s3://lake/x.jpg", "20260101T000000Z-new000")]
+
+
+def test_review_piped_into_head_stops_quietly(tmp_path):
+    """`batchseg review ... | head -1`: the closed pipe ends the command without a traceback."""
+    part = tmp_path / "res" / "annotations" / "run=20260101T000000Z-aaaaaa"
+    part.mkdir(parents=True)
+    rows = 30_000
+    pq.write_table(pa.table({"image_id": np.arange(rows, dtype=np.int64),
+                             "image_uri": [f"s3://lake/{i}.jpg" for i in range(rows)],
+                             "review_priority": np.linspace(0, 1, rows)}), part / "part-00000.parquet")
+    proc = subprocess.Popen([sys.executable, "-m", "batchseg", "review", str(tmp_path / "res"), "--top", str(rows)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("1.0000  s3://lake/29999.jpg")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141 and proc.stderr.read() == ""
