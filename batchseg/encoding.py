@@ -58,11 +58,12 @@ def crop_counts(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> 
     h, w = crop.shape
     if h == 0 or w == 0 or not crop.any():
         return np.array([total], np.uint32)
-    padded = np.zeros((w, h + 2), bool)  # a False above and below each crop column
-    padded[:, 1:-1] = crop.T
-    change = np.flatnonzero(padded[:, 1:] != padded[:, :-1])  # into the (w, h + 1) transitions
-    column, row = np.divmod(change, h + 1)
-    pos = (x0 + column) * height + y0 + row  # pixel index (column-major) where the value flips
+    n = w * (h + 2)
+    padded = np.zeros(n, bool)  # the crop's columns one after another, each between two Falses
+    padded.reshape(w, h + 2)[:, 1:-1] = crop.T
+    flip = np.flatnonzero(padded[1:] != padded[:-1]) + 1  # where a value differs from the one before
+    column, row = np.divmod(flip, h + 2)  # row 1..h + 1 in the padded column: pixel row - 1
+    pos = (x0 + column) * height + y0 + row - 1  # pixel index (column-major) where the value flips
     if h == height:  # a run ending at the bottom of one column and restarting at the top of the next
         same = pos[1:] == pos[:-1]
         keep = np.ones(len(pos), bool)
@@ -73,10 +74,19 @@ def crop_counts(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> 
     return np.diff(pos, prepend=0, append=total).astype(np.uint32)
 
 
+def _area(counts: np.ndarray) -> int:
+    """Pixels set in a mask, from its COCO counts (every second run is ones)."""
+    return int(counts[1::2].sum())
+
+
 def encode_masks(masks: CroppedMasks, indices: np.ndarray) -> list[dict[str, Any]]:
     """The masks at `indices` -> COCO compressed RLE cells of the full (height, width) image."""
-    counts = [crop_counts(masks.crops[i], *masks.offsets[i].tolist(), masks.height, masks.width) for i in indices]
-    return _compress(counts, masks.height, masks.width)
+    return _compress(_counts(masks, indices), masks.height, masks.width)
+
+
+def _counts(masks: CroppedMasks, indices: np.ndarray) -> list[np.ndarray]:
+    offsets = masks.offsets.tolist()
+    return [crop_counts(masks.crops[i], *offsets[i], masks.height, masks.width) for i in indices]
 
 
 def _kept(scores: np.ndarray, category_ids: np.ndarray, score_threshold: float, allowed: set[int] | None) -> np.ndarray:
@@ -100,16 +110,16 @@ def encode_instances(det: Detections, score_threshold: float, allowed: set[int] 
     area is the mask's pixel count. `allowed`: dataset ids to keep (None: all).
     """
     keep = _kept(det.scores, det.category_ids, score_threshold, allowed)
-    segmentations = encode_masks(det.masks, keep)
+    counts = _counts(det.masks, keep)
     return [
         {
             "category_id": int(det.category_ids[i]),
             "bbox": _xywh(det.boxes[i]),
             "score": float(det.scores[i]),
-            "area": int(np.count_nonzero(det.masks.crops[i])),
+            "area": _area(c),
             "segmentation": segmentation,
         }
-        for i, segmentation in zip(keep, segmentations)
+        for i, c, segmentation in zip(keep, counts, _compress(counts, det.masks.height, det.masks.width))
     ]
 
 
@@ -192,7 +202,7 @@ class _IdRuns:
         y_max = int(np.where(one_column, (e - 1) % self.height, self.height - 1).max())
         x_min, x_max = int(x_first[0]), int(x_last[-1])
         bbox = [float(x_min), float(y_min), float(x_max - x_min + 1), float(y_max - y_min + 1)]
-        return counts.astype(np.uint32), int(counts[1::2].sum()), bbox
+        return counts.astype(np.uint32), _area(counts), bbox
 
 
 def decode_panoptic(segments: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
