@@ -27,7 +27,6 @@ from batchseg.sources import (
     is_image_name,
     iter_listing,
     iter_shard,
-    list_sources,
 )
 from tests.faulty_proxy import FaultyProxy
 
@@ -42,6 +41,19 @@ def by_uri(rows) -> list[dict]:
 
 def uris(rows) -> set[str]:
     return {r["uri"] for r in rows}
+
+
+def found_by_fsspec(root: str, storage_options: dict) -> list[dict]:
+    """The rows the listing gave before it streamed (fs.find, sorted): what earlier runs'
+    done keys were made of, so the new listing must give the same."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(root, **storage_options)
+    entries = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    return [{"uri": fs.unstrip_protocol(name), "size": info["size"],
+             "version": str(info.get("ETag") or info.get("mtime")).strip('"'), "is_shard": name.endswith(".tar")}
+            for name, info in sorted(entries.items())
+            if info["type"] == "file" and (is_image_name(name) or name.lower().endswith(".tar"))]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +78,7 @@ def test_local_listing_gives_the_rows_the_old_listing_gave(samples):
     """Same URIs, sizes and versions (mtime text) as before, so earlier runs' done keys match."""
     pages = list(iter_listing(str(samples.root), {}))
     rows = flat(pages)
-    assert by_uri(rows) == list(list_sources(str(samples.root), {}))
+    assert by_uri(rows) == found_by_fsspec(str(samples.root), {})
     names = {r["uri"].split("/images/", 1)[1] for r in rows}
     assert "notes.txt" not in names
     assert {"street/scene_b.PNG", "odd/photo.JPEG", "park/nested/scene_e.webp"} <= names
@@ -163,7 +175,7 @@ def test_s3_nested_prefixes_are_fanned_out_and_listed_once(s3, concurrency):
     expected = {f"s3://ls-nested/{k}" for k in NESTED
                 if k.startswith("lake/") and (is_image_name(k) or k.endswith(".tar"))}
     assert len(rows) == len(expected) and uris(rows) == expected
-    assert by_uri(rows) == list(list_sources("s3://ls-nested/lake", s3))  # ETags and sizes as before
+    assert by_uri(rows) == found_by_fsspec("s3://ls-nested/lake", s3)  # ETags and sizes as before
 
 
 def test_s3_folders_of_one_object_cost_few_requests(s3, s3_endpoint):
@@ -178,7 +190,7 @@ def test_s3_flat_prefix_of_several_pages(s3):
     make_bucket(s3, "ls-flat", {f"p/{i:05d}.png": b"" for i in range(2100)} | {"p/readme.md": b""})
     pages = list(iter_listing("s3://ls-flat/p", s3))
     assert sum(map(len, pages)) == 2100 and max(map(len, pages)) <= 1000
-    assert by_uri(flat(pages)) == list(list_sources("s3://ls-flat/p", s3))
+    assert by_uri(flat(pages)) == found_by_fsspec("s3://ls-flat/p", s3)
 
 
 def test_s3_listing_yields_its_first_page_before_it_has_listed_the_rest(s3, s3_endpoint):
@@ -197,7 +209,7 @@ def test_s3_throttled_listing_requests_are_retried(s3, s3_endpoint):
     with FaultyProxy(s3_endpoint, every=3, budget=10) as proxy:
         rows = flat(iter_listing("s3://ls-nested/lake", {"client_kwargs": {"endpoint_url": proxy.url}}, concurrency=4))
     assert proxy.injected > 0
-    assert by_uri(rows) == list(list_sources("s3://ls-nested/lake", s3))
+    assert by_uri(rows) == found_by_fsspec("s3://ls-nested/lake", s3)
 
 
 def test_s3_missing_bucket_raises(s3):
@@ -213,7 +225,7 @@ def test_classify_local(samples, tmp_path):
     root = samples.root
     assert classify(str(root), {}) == sources.Input("prefix", f"file://{root}")
     image = classify(str(root / "street/scene_a.png"), {})
-    assert image.kind == "image" and image.row == next(list_sources(str(root / "street/scene_a.png"), {}))
+    assert image.kind == "image" and image.row == found_by_fsspec(str(root / "street/scene_a.png"), {})[0]
     assert classify(str(root / "shards/shard-000000.tar"), {}).row["is_shard"]
     for name, kind in (("list.csv.gz", "manifest"), ("l.parquet", "manifest"), ("l.jsonl", "manifest"),
                        ("manifest.json", "inventory")):
@@ -485,7 +497,7 @@ def test_bad_inventory_manifests_fail_with_one_line(tmp_path, doc, message):
 def test_iter_input_reads_every_kind(samples, tmp_path):
     write_csv(tmp_path / "m.csv", ["uri"], [["s3://lake/a.jpg"]])
     root = samples.root
-    kinds = {str(root): len(list(list_sources(str(root), {}))), str(root / "street/scene_a.png"): 1,
+    kinds = {str(root): len(found_by_fsspec(str(root), {})), str(root / "street/scene_a.png"): 1,
              str(tmp_path / "m.csv"): 1}
     for uri, count in kinds.items():
         assert len(flat(sources.iter_input(classify(uri, {}), {}))) == count
