@@ -216,6 +216,8 @@ def test_cropped_masks_from_full_full_select_and_flat():
     assert again.nbytes == masks.nbytes == sum(c.size for c in masks.crops)
     with pytest.raises(ValueError, match="inside"):
         CroppedMasks(9, 11, np.array([[8, 0]]), (np.ones((2, 2), bool),))
+    with pytest.raises(TypeError, match="CroppedMasks.from_full"):  # a backend written for full masks
+        Detections(np.zeros((4, 4), np.float32), np.ones(4, np.float32), np.ones(4, np.int64), full)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])

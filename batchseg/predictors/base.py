@@ -177,6 +177,9 @@ class Detections:
     category_ids: np.ndarray
     masks: CroppedMasks
 
+    def __post_init__(self) -> None:
+        _check_masks(self.masks)
+
     def select(self, keep: np.ndarray) -> "Detections":
         """The instances at `keep` (an index or boolean array)."""
         return Detections(self.boxes[keep], self.scores[keep], self.category_ids[keep], self.masks.select(keep))
@@ -240,10 +243,20 @@ class DensePose:
     iuv: list[np.ndarray]
     masks: CroppedMasks
 
+    def __post_init__(self) -> None:
+        _check_masks(self.masks)
+
     @classmethod
     def empty(cls, height: int, width: int) -> "DensePose":
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), [],
                    CroppedMasks.empty(height, width))
+
+
+def _check_masks(masks: Any) -> None:
+    """A backend written for full masks gets told how to hand them over, not an AttributeError."""
+    if not isinstance(masks, CroppedMasks):
+        raise TypeError(f"masks must be CroppedMasks, not {type(masks).__name__}; "
+                        "wrap full (N, H, W) bool masks with CroppedMasks.from_full(masks)")
 
 
 Result = Detections | Keypoints | Panoptic | DensePose
