@@ -10,6 +10,8 @@ A backend is split so that the driver and the CPU stages never load a model:
   - `Backend(model_cfg, weights_path, device, precision)` loads the model once (in a
     predictor actor); `predict(images)` runs one batched forward and returns one result per
     image, at original resolution: Detections (instance), Panoptic, Keypoints or DensePose.
+    Masks are CroppedMasks: pasted over their boxes on the model's device, only the crops moved
+    to the host (CroppedMasks.from_full wraps full masks a backend already has on the host).
 """
 
 from __future__ import annotations
