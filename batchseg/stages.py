@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from batchseg.config import JobConfig, ModelConfig, StorageConfig
 from batchseg.errors import one_line
 from batchseg.imaging import DecodeError, decode_rgb
 from batchseg.ledger import DoneSet, done_key, done_keys_of
-from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, preprocess_plan
+from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, group_by_shape, preprocess_plan
 from batchseg.schema import ROW, image_id
 from batchseg.tasks import TASK_TABLE, allowed_ids
 from batchseg.weights import WeightsRef, fetch
@@ -185,6 +186,7 @@ class Annotate:
             log.info("loaded %s model %s on %s", task, cfg.model, device)
         self.batch_size = {task: cfg.batch_size or job.batch_size for task, cfg in self.models.items()}
         self.thresholds = {task: cfg.score_threshold for task, cfg in self.models.items()}
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
@@ -215,25 +217,48 @@ class Annotate:
         return pa.Table.from_pylist(rows, schema=OUTPUT)
 
     def _annotate(self, batch: dict[str, np.ndarray], indices: list[int]) -> list[tuple[dict[str, Any], str | None, str | None]]:
-        """(cells by task, error, error_kind) for each image at `indices`."""
+        """(cells by task, error, error_kind) for each image at `indices`.
+
+        Forwards run on this thread, one per group of similar shapes (detectron2 pads a batch to
+        its largest image); each group's results are encoded on the encoder thread while the
+        next forward runs (a forward releases the GIL), so the device does not wait for the CPU.
+        """
         cells: list[dict[str, Any]] = [{} for _ in indices]
         errors: list[tuple[str, str] | None] = [None] * len(indices)
+        encoding = []
         for task, backend in self.backends.items():
             todo = [j for j in range(len(indices)) if errors[j] is None]
             column = batch[f"image_{self.image_column[task]}"]
             inputs = [ModelInput(str(batch["uri"][indices[j]]), column[indices[j]], int(batch["height"][indices[j]]),
                                  int(batch["width"][indices[j]])) for j in todo]
-            spec, cfg = TASK_TABLE[task], self.models[task]
-            for j, result in zip(todo, self._predict(backend, inputs, self.batch_size[task])):
-                if isinstance(result, Exception):
-                    kind = failures.TRANSIENT if failures.is_out_of_memory(result) else failures.MODEL
-                    errors[j] = (f"{task}: predict failed: {one_line(result)}", kind)
-                    continue
-                try:
-                    cells[j][task] = spec.encode(result, cfg.score_threshold, self.allowed[task])
-                except Exception as e:
-                    errors[j] = (f"{task}: encode failed: {one_line(e)}", failures.MODEL)
+            for group in group_by_shape([x.image.shape[:2] for x in inputs], self.batch_size[task]):
+                results = self._predict(backend, [inputs[g] for g in group], len(group))
+                done = []
+                for g, result in zip(group, results):
+                    if isinstance(result, Exception):
+                        kind = failures.TRANSIENT if failures.is_out_of_memory(result) else failures.MODEL
+                        errors[todo[g]] = (f"{task}: predict failed: {one_line(result)}", kind)
+                    else:
+                        done.append((todo[g], result))
+                encoding.append(self.encoder.submit(self._encode, task, done))
+        for future in encoding:
+            for j, cell in future.result():
+                if isinstance(cell, str):
+                    errors[j] = errors[j] or (cell, failures.MODEL)
+                else:
+                    cells[j].update(cell)
         return [(c, *(e or (None, None))) for c, e in zip(cells, errors)]
+
+    def _encode(self, task: str, results: list[tuple[int, Result]]) -> list[tuple[int, dict[str, Any] | str]]:
+        """On the encoder thread: each result -> {task: cell}, or the one-line error."""
+        spec, cfg = TASK_TABLE[task], self.models[task]
+        out: list[tuple[int, dict[str, Any] | str]] = []
+        for j, result in results:
+            try:
+                out.append((j, {task: spec.encode(result, cfg.score_threshold, self.allowed[task])}))
+            except Exception as e:
+                out.append((j, f"{task}: encode failed: {one_line(e)}"))
+        return out
 
     def _predict(self, backend: Backend, inputs: list[ModelInput], batch_size: int) -> list[Result | Exception]:
         out: list[Result | Exception] = []
