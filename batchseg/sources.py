@@ -489,38 +489,6 @@ def _version(info: dict[str, Any]) -> str:
     return ""
 
 
-def list_sources(root: str, storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Superseded by classify + iter_listing (kept until the pipeline moves over).
-
-    Yield one row per image file or tar shard under `root` (a folder, recursively, or a file),
-    sorted by URI; holds the whole listing in memory.
-    """
-    fs, path = url_to_fs(root, **storage_options)
-    if fs.isfile(path):
-        entries = {path: fs.info(path)}
-    else:
-        entries = fs.find(path, detail=True, withdirs=False)
-        if not entries and not fs.exists(path):
-            raise FileNotFoundError(f"input not found: {root}")
-    for name in sorted(entries):
-        info = entries[name]
-        if info.get("type", "file") != "file":
-            continue
-        shard = is_shard_name(name)
-        if not (shard or is_image_name(name)):
-            continue
-        yield {
-            "uri": fs.unstrip_protocol(name),
-            "size": int(info.get("size") or 0),
-            "version": _version(info),
-            "is_shard": shard,
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
 def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
     with fsspec.open(uri, "rb", **storage_options) as f:
         return f.read()
