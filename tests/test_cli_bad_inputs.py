@@ -41,24 +41,24 @@ ROWS = {
     "input folder with no images": Bad(["run", "--input", "{empty}", "--output", "{out}", *TV], "no images found under"),
     "eval --gt missing": Bad(["eval", "{results}", "--gt", "{tmp}/nope.json"], "--gt {tmp}/nope.json: not found"),
     "export from s3 without credentials": Bad(
-        ["export", "labelstudio", "s3://lake/results", "{out}", "--s3-endpoint-url", "{s3}"],
+        ["export", "labelstudio", "s3://cli-lake/results", "{out}", "--s3-endpoint-url", "{s3}"],
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --s3-anon", env="none"),
     "s3 input without credentials": Bad(
-        ["run", "--input", "s3://lake/images/", "--output", "{out}", "--s3-endpoint-url", "{s3}", *TV],
+        ["run", "--input", "s3://cli-lake/images/", "--output", "{out}", "--s3-endpoint-url", "{s3}", *TV],
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --s3-anon", env="none"),
     "config YAML syntax error": Bad(["run", "--config", "{bad_yaml}"], "{bad_yaml}:3:8: invalid YAML"),
     "typo'd flag": Bad(["run", "--batchsize", "4"], "did you mean --batch-size?", usage=True),
     # --- issue 11's "also" list ---------------------------------------------------------------
     "output bucket rejects the credentials": Bad(
-        [*RUN[:3], "--output", "s3://lake/out", "--s3-endpoint-url", "{auth_s3}", *TV],
+        [*RUN[:3], "--output", "s3://cli-lake/out", "--s3-endpoint-url", "{auth_s3}", *TV],
         "S3 rejected the credentials (InvalidAccessKeyId)"),
     "output bucket does not exist": Bad(
         [*RUN[:3], "--output", "s3://no-such-bucket/out", "--s3-endpoint-url", "{s3}", *TV], "no such S3 bucket"),
     "export to a bucket without credentials": Bad(
-        ["export", "coco", "{results}", "s3://lake/coco", "--s3-endpoint-url", "{s3}"], "DEST s3://lake/coco: no S3 credentials",
+        ["export", "coco", "{results}", "s3://cli-lake/coco", "--s3-endpoint-url", "{s3}"], "DEST s3://cli-lake/coco: no S3 credentials",
         env="none"),
     "export from an unreachable endpoint": Bad(
-        ["export", "cvat", "s3://lake/results", "{out}", "--s3-endpoint-url", "http://127.0.0.1:{dead_port}"],
+        ["export", "cvat", "s3://cli-lake/results", "{out}", "--s3-endpoint-url", "http://127.0.0.1:{dead_port}"],
         "cannot reach the S3 endpoint http://127.0.0.1:{dead_port}: check --s3-endpoint-url"),
     "--set unknown field": Bad([*RUN, *TV, "--set", "models.instance.scor_threshold=0.7"],
                                "unknown field 'scor_threshold'; did you mean 'score_threshold'?"),
@@ -113,15 +113,15 @@ def auth_s3():
 
 @pytest.fixture(scope="module")
 def lake(s3_endpoint, tmp_path_factory):
-    """s3://lake/ with one image and a results folder."""
+    """s3://cli-lake/ with one image and a results folder (its own bucket: the S3 server is the
+    session's, and other tests list their buckets whole)."""
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    if "lake" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
-        s3.create_bucket(Bucket="lake")
+    s3.create_bucket(Bucket="cli-lake")
     results = write_results(tmp_path_factory.mktemp("lake_results"))
     for path in results.rglob("*"):
         if path.is_file():
-            s3.upload_file(str(path), "lake", f"results/{path.relative_to(results)}")
-    s3.put_object(Bucket="lake", Key="images/a.png", Body=_png())
+            s3.upload_file(str(path), "cli-lake", f"results/{path.relative_to(results)}")
+    s3.put_object(Bucket="cli-lake", Key="images/a.png", Body=_png())
     return s3_endpoint
 
 
