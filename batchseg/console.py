@@ -53,9 +53,10 @@ def after_ray_init() -> None:
 def _spend_actor_restart_warning() -> None:
     """Ray core logs the warning with RAY_LOG_ONCE_PER_PROCESS(ERROR) when an actor with
     max_restarts != 0 gets an ObjectRef argument. Creating such an actor once, with stderr
-    pointed at a file in the Ray session's log folder, uses up that once. The actor asks for
-    nothing (an infeasible request could wake a cluster's autoscaler) and is killed at once,
-    before it has started."""
+    pointed at a file in the Ray session's log folder, uses up that once. The actor asks for a
+    resource no node has, so it is never scheduled, and is killed at once (a schedulable one
+    can be caught mid-lease, and the GCS then logs its own error); the request lives for
+    milliseconds, far shorter than an autoscaler's polling interval."""
     import ray
 
     @ray.remote
@@ -70,7 +71,7 @@ def _spend_actor_restart_warning() -> None:
         with open(os.path.join(log_dir, "batchseg-ray-notices.err"), "ab") as sink:
             sys.stderr.flush()
             os.dup2(sink.fileno(), 2)
-            actor = _Throwaway.options(max_restarts=1, num_cpus=0).remote(ray.put(0))
+            actor = _Throwaway.options(max_restarts=1, num_cpus=0, resources={"batchseg_never": 1}).remote(ray.put(0))
             ray.kill(actor)
     finally:
         os.dup2(saved, 2)
