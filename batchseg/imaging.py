@@ -35,7 +35,8 @@ def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            image = ImageOps.exif_transpose(image)  # loads the pixels; truncation surfaces here
+            image.load()  # decodes the pixels; truncation surfaces here
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when already upright
             return _to_rgb(image)
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised content)") from None

@@ -34,15 +34,18 @@ class Journal:
         self.in_flight: dict[tuple[str, int], str] = {}
         self.deaths: dict[tuple[str, int], int] = {}
 
-    def check(self, keys: Sequence[tuple[str, int]], attempt: str) -> list[int]:
-        """Deaths of each key; a key still in flight under another attempt died with it."""
-        out = []
+    def start(self, keys: Sequence[tuple[str, int]], attempt: str) -> list[int]:
+        """Deaths of each key (a key still in flight under another attempt died with it); when
+        none died, the keys are now in flight under `attempt` (one round trip for the common case)."""
+        deaths = []
         for key in keys:
             held = self.in_flight.pop(key, None)
             if held is not None and held != attempt:
                 self.deaths[key] = self.deaths.get(key, 0) + 1
-            out.append(self.deaths.get(key, 0))
-        return out
+            deaths.append(self.deaths.get(key, 0))
+        if not any(deaths):
+            self.begin(keys, attempt)
+        return deaths
 
     def begin(self, keys: Sequence[tuple[str, int]], attempt: str) -> None:
         for key in keys:
@@ -69,9 +72,8 @@ def guarded(journal: Any, stage: str, keys: Sequence[int], process: Callable[[li
     if journal is None or not keys:
         return process(list(range(len(keys))))
     attempt, staged = uuid.uuid4().hex, [(stage, int(k)) for k in keys]
-    deaths = ray.get(journal.check.remote(staged, attempt))
+    deaths = ray.get(journal.start.remote(staged, attempt))
     if not any(deaths):
-        ray.get(journal.begin.remote(staged, attempt))
         out = process(list(range(len(keys))))
         journal.end.remote(staged)
         return out

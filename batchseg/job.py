@@ -153,15 +153,17 @@ def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
         head = _head(job, run_id, prepared, started)
         write_json(join(job.output, RUNS, f"{run_id}.json"), head, opts)
         journal = inflight.start_journal()
+        # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the done
+        # keys, the predictor actors load their models meanwhile.
         done_ref, planned_ref = ledger.plan.remote(job.output, opts, prepared.fingerprints, job.retry_failed)
-        planned = ray.get(planned_ref)
         where = pipeline.place(job)
-        log.info("run %s: predictors %d..%d actor(s) on %s; %d images done earlier (ledger of %d runs)",
-                 run_id, where.actors, where.max_actors, where.device, planned["done"], planned["runs"])
+        log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
         sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
                        fence=held.fence())
         dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, prepared.units)
         pipeline.write(dataset, sink)
+        planned = ray.get(planned_ref)
+        log.info("run %s: %d images done earlier were skipped (ledger of %d runs)", run_id, planned["done"], planned["runs"])
         summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
                                  job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
         held.check()

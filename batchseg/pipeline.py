@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,19 +25,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the predictors run: `actors` pool size (up to `max_actors`), on `device`."""
+    """Where the predictors run: `actors` pool size (up to `max_actors`), on `device`, each
+    actor asking for `gpus_per_actor` GPUs and `cpus_per_actor` CPUs (what decode asks too)."""
 
     device: str
     actors: int
     max_actors: int
     gpus_per_actor: float
+    cpus_per_actor: float
 
 
 def place(job: JobConfig) -> Placement:
     """Resolve device "auto" and the pool size against the connected Ray cluster.
 
-    `cuda` never needs GPUs to be there already: on an autoscaling cluster whose GPU workers
-    start at zero, the pool's GPU requests are what makes the autoscaler add GPU nodes.
+    GPU: one actor per GPU (or gpus_per_actor); `cuda` never needs GPUs to be there already: on
+    an autoscaling cluster whose GPU workers start at zero, the pool's GPU requests are what
+    makes the autoscaler add GPU nodes. Decode runs in CPU tasks beside the actors.
+    CPU: one actor per core Ray has, each decoding what it predicts, together asking for all
+    cores but one: the one a repartition task needs, so the pool never starves the stages that
+    feed it (listing, reading and writing ask for no CPU: they wait on I/O).
     """
     gpus = ray.cluster_resources().get("GPU", 0)
     if job.device == "auto":
@@ -47,9 +54,17 @@ def place(job: JobConfig) -> Placement:
         device = job.device
         if device == "cuda" and gpus == 0:
             log.warning("device cuda: no GPU in the cluster yet; the predictor pool waits for the autoscaler to add one")
-    per_gpu = max(1, int(gpus // job.gpus_per_actor)) if device == "cuda" else 1
-    actors = job.num_actors or per_gpu
-    return Placement(device, actors, max(job.max_actors or actors, actors), job.gpus_per_actor if device == "cuda" else 0)
+    if device == "cuda":
+        actors = job.num_actors or max(1, int(gpus // job.gpus_per_actor))
+        return Placement(device, actors, max(job.max_actors or actors, actors), job.gpus_per_actor, 1.0)
+    cpus = cluster_cpus()
+    actors = job.num_actors or cpus
+    max_actors = max(job.max_actors or actors, actors)
+    return Placement(device, actors, max_actors, 0.0, round((cpus - 1) / max_actors, 4))
+
+
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, WeightsRef | None],
@@ -59,29 +74,35 @@ def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, We
     models = {task: job.models[task] for task in job.tasks}
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ds = ds.map_batches(  # one folder or manifest part per task; pages stream out as they arrive
-        stages.list_inputs, fn_kwargs={"units": units, "storage": job.s3, "done": done}, batch_size=1,
-        num_cpus=0.25,
+        stages.list_inputs, fn_kwargs={"units": units, "storage": job.s3, "done": done}, batch_size=1, num_cpus=0,
     )
     ds = ds.repartition(target_num_rows_per_block=job.read_rows_per_block)
-    ds = ds.map_batches(  # I/O bound: a quarter CPU each keeps many reads in flight
+    ds = ds.map_batches(  # I/O bound: asks for no CPU, but at most two reads in flight per core
         stages.read_batch, fn_kwargs={"storage": job.s3, "done": done, "rows_per_batch": job.read_rows_per_block},
-        batch_size=None, num_cpus=0.25,
+        batch_size=None, num_cpus=0, concurrency=2 * cluster_cpus(),
     )
-    ds = ds.map_batches(  # CPU bound; fused into the actor only when it asks for no GPU
-        stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels, "journal": journal},
-        batch_size=None, num_cpus=1,
-    )
+    on_cpu = where.device == "cpu"
+    if not on_cpu:  # decode in CPU tasks beside the GPU actors; on CPU the actor decodes what it predicts
+        ds = ds.map_batches(
+            stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels, "journal": journal},
+            batch_size=None, num_cpus=1,
+        )
     ds = ds.map_batches(
         stages.Annotate,
-        fn_constructor_kwargs={"job": job, "device": where.device, "weights": weights, "journal": journal},
+        fn_constructor_kwargs={"job": job, "device": where.device, "weights": weights, "journal": journal,
+                               "decodes": on_cpu},
         compute=ActorPoolStrategy(min_size=where.actors, max_size=where.max_actors),
-        batch_size=max([job.batch_size] + [m.batch_size or 0 for m in models.values()]),
+        # a call takes a read block (or a forward, if larger) and runs forwards of each task's
+        # batch size inside: fewer, larger calls amortise per-call costs and let encoding overlap
+        batch_size=max([job.read_rows_per_block, job.batch_size] + [m.batch_size or 0 for m in models.values()]),
         num_gpus=where.gpus_per_actor,
-        num_cpus=1,
+        num_cpus=where.cpus_per_actor,
     )
     return ds
 
 
 def write(ds: Dataset, sink: RunSink) -> None:
     """Execute: stream every row into the run's partition (sink.counts adds up what landed)."""
-    ds.write_datasink(sink)
+    with warnings.catch_warnings():  # a small input uses fewer reads and actors than their caps: nothing to fix
+        warnings.filterwarnings("ignore", message="The (maximum|minimum) number of concurrent")
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # Parquet encoding is small next to its upload

@@ -38,7 +38,8 @@ def summary(head: dict[str, Any], counts: dict[str, Any], planned: dict[str, Any
         "stages": stages(stats_text),  # Ray Data's per-operator figures; full text in RUN_ID.stats.txt
         "images_per_s": round(images["in"] / wall, 3) if wall > 0 else None,
         "device": where.device,
-        "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor},
+        "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor,
+                   "cpus_each": where.cpus_per_actor},
     }
 
 

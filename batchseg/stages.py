@@ -171,9 +171,12 @@ class Annotate:
     """
 
     def __init__(self, job: JobConfig, device: str, weights: dict[str, WeightsRef | None] | None = None,
-                 journal: Any = None) -> None:
-        """weights: per task, what preflight pinned (None: random init); journal: see inflight."""
+                 journal: Any = None, decodes: bool = False) -> None:
+        """weights: per task, what preflight pinned (None: random init); journal: see inflight.
+        decodes: batches arrive as read_batch leaves them and are decoded here (decode_batch),
+        so no decoded image crosses a stage boundary (on CPU, where decode shares the cores)."""
         self.models = {task: job.models[task] for task in job.tasks}
+        self.decodes, self.max_pixels = decodes, job.max_image_pixels
         _, self.image_column = preprocess_plan(self.models)
         self.device, self.journal = device, journal
         self.backends, self.allowed = {}, {}
@@ -189,6 +192,8 @@ class Annotate:
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.decodes:
+            batch = decode_batch(batch, self.models, self.max_pixels, self.journal)
         n = len(batch["uri"])
         errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
         todo = [i for i in range(n) if errors[i] is None and batch["members"][i] < 0]

@@ -1,12 +1,17 @@
 """Throughput and driver memory, measured in one run. Prints figures; asserts nothing.
 
     python benchmarks/throughput.py [--images 32] [--batch-size 4] [--min-size 320] [--device cpu]
+                                    [--zero-cost-images 400] [--skip-model]
 
 1. model only, one image per forward vs batch_size images per forward (same images, same
    model): the batching ratio.
 2. the whole pipeline (list, read, decode, predict, encode, write on local Ray) vs the
    batched model alone: how much of the model's speed the pipeline keeps.
 3. driver peak RSS for a run over N and over 4N images: must not grow with N.
+4. a model that costs nothing (ZeroCostBackend: the backend protocol, 10 instances per image
+   with masks of realistic size) over 1280x960 JPEGs resized to 800: the pipeline's images/s
+   against the cores Ray has times a tight single-process loop doing the same work (read,
+   decode, resize, predict, encode, one Parquet file). What is left is the pipeline's own cost.
 On CPU the actor gets one core (Ray's num_cpus=1 sets its torch threads) while model-only
 uses all of them, so there pipeline/model understates what a GPU node keeps.
 Absolute images/s mean something only on the GPU they were taken on.
@@ -15,6 +20,7 @@ Absolute images/s mean something only on the GPU they were taken on.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -24,23 +30,56 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from batchseg import job  # noqa: E402
 from batchseg.config import ModelConfig, load_config  # noqa: E402
-from batchseg.predictors.base import ModelInput  # noqa: E402
+from batchseg.predictors.base import Categories, Category, ModelInput  # noqa: E402
 from batchseg.predictors.torchvision import TorchvisionBackend  # noqa: E402
 
+ZERO_COST_INSTANCES = 10
 
-def make_images(folder: Path, count: int, seed: int = 0) -> list[np.ndarray]:
-    """`count` 480x640 JPEGs of random rectangles; returns the RGB arrays."""
+
+class ZeroCostBackend:
+    """A model that costs nothing, through the same protocol as a real backend: each image gets
+    ZERO_COST_INSTANCES instances whose masks (elliptic blobs in boxes of 5..40 % of each side,
+    cropped as detectron2 crops them) are made once per image size and handed out again."""
+
+    def __init__(self, cfg: ModelConfig, weights: str | None, device: str, precision: str) -> None:
+        self.scenes: dict[tuple[int, int], object] = {}
+
+    @staticmethod
+    def preprocessor(cfg: ModelConfig):
+        from batchseg.imaging import ShortestEdge
+
+        return ShortestEdge(800, 1333)
+
+    @staticmethod
+    def categories(cfg: ModelConfig) -> Categories:
+        return Categories({i: Category(i, f"class{i}") for i in range(1, 91)})
+
+    def predict(self, images: list[ModelInput]) -> list:
+        from hot_path import scene
+
+        for x in images:
+            if (x.height, x.width) not in self.scenes:
+                self.scenes[x.height, x.width] = scene(x.height, x.width, ZERO_COST_INSTANCES)[0]
+        return [self.scenes[x.height, x.width] for x in images]
+
+
+def make_images(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (480, 640)) -> list[np.ndarray]:
+    """`count` JPEGs of `size` (h, w): a gradient with random rectangles; returns the RGB arrays."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     images = []
+    h, w = size
     for i in range(count):
-        rgb = np.full((480, 640, 3), 110, np.uint8)
+        rgb = np.zeros((h, w, 3), np.uint8)
+        rgb[...] = (np.linspace(40, 200, w)[None, :, None] + np.linspace(0, 40, h)[:, None, None]).astype(np.uint8)
         for _ in range(4):
-            y, x = rng.integers(0, 400), rng.integers(0, 560)
+            y, x = rng.integers(0, h - 80), rng.integers(0, w - 80)
             rgb[y:y + rng.integers(20, 80), x:x + rng.integers(20, 80)] = rng.integers(0, 255, 3)
         Image.fromarray(rgb).save(folder / f"img_{i:05d}.jpg", quality=90)
         images.append(rgb)
@@ -69,18 +108,61 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--min-size", type=int, default=320)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+def tight_loop(files: list[Path], out: Path) -> float:
+    """images/s of one process doing a run's work per image: read, decode, resize, predict
+    (ZeroCostBackend), encode, and a Parquet file of the rows at the end."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    from batchseg.encoding import encode_instances
+    from batchseg.imaging import decode_rgb
+    from batchseg.schema import ROW, image_id
+
+    cfg = ModelConfig(backend="benchmarks.throughput:ZeroCostBackend")
+    backend, prep = ZeroCostBackend(cfg, None, "cpu", "fp32"), ZeroCostBackend.preprocessor(cfg)
+    start, rows = time.perf_counter(), []
+    for path in files:
+        rgb = decode_rgb(path.read_bytes(), 89_478_485)
+        det = backend.predict([ModelInput(str(path), prep(rgb), *rgb.shape[:2])])[0]
+        rows.append({"image_id": image_id(str(path)), "image_uri": str(path), "width": rgb.shape[1],
+                     "height": rgb.shape[0], "instances": encode_instances(det, 0.5)})
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW), out)
+    return len(files) / (time.perf_counter() - start)
+
+
+def zero_cost_section(args, work: Path) -> None:
+    """N and 4N images: the raw ratio of the N-image run (planning and actor start included),
+    and the marginal one, 3N / (wall(4N) - wall(N)), which leaves out what a run pays once."""
+    import ray
+
+    n = args.zero_cost_images
+    make_images(work / "zero_cost_n", n, seed=2, size=(960, 1280))
+    make_images(work / "zero_cost_4n", 4 * n, seed=3, size=(960, 1280))
+    single = tight_loop(sorted((work / "zero_cost_n").glob("*.jpg")), work / "tight.parquet")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    cores = int(ray.cluster_resources()["CPU"])
+    model = {"backend": "benchmarks.throughput:ZeroCostBackend", "score_threshold": 0.5}
+    small = pipeline_run(work / "zero_cost_n", work / "out_zero_cost_n", model, args)
+    large = pipeline_run(work / "zero_cost_4n", work / "out_zero_cost_4n", model, args)
+    ray.shutdown()
+    marginal = 3 * n / (large["wall_time_s"] - small["wall_time_s"])
+    ideal = cores * single
+    print(f"zero-cost model: JPEGs of 1280x960 resized to 800, {ZERO_COST_INSTANCES} instances each, {cores} cores; "
+          f"pool of {small['actors']['max']} actors")
+    print(f"tight single-process loop ({n} images): {single:8.2f} images/s; x {cores} cores = {ideal:.2f}")
+    print(f"pipeline, {n} images:              {small['images_per_s']:8.2f} images/s   "
+          f"pipeline / (cores x loop) = {small['images_per_s'] / ideal:.2f}  (wall {small['wall_time_s']:.1f} s "
+          f"incl. planning and actor start)")
+    print(f"pipeline, {4 * n} images:             {large['images_per_s']:8.2f} images/s   "
+          f"pipeline / (cores x loop) = {large['images_per_s'] / ideal:.2f}  (wall {large['wall_time_s']:.1f} s)")
+    print(f"pipeline, marginal ({3 * n} more images): {marginal:8.2f} images/s   "
+          f"pipeline / (cores x loop) = {marginal / ideal:.2f}")
+
+
+def model_section(args, work: Path) -> None:
     import ray
     import torch
 
-    work = Path(tempfile.mkdtemp(prefix="batchseg-bench-"))
     rgbs = make_images(work / "small", args.images)
     make_images(work / "large", 4 * args.images, seed=1)
     model = {"backend": "torchvision", "random_init": True, "min_size": args.min_size,
@@ -94,7 +176,6 @@ def main() -> None:
     large = pipeline_run(work / "large", work / "out_large", model, args)
     rss_large = peak_rss_mib()
     ray.shutdown()
-
     torch.manual_seed(0)
     mcfg = ModelConfig(**model)
     backend = TorchvisionBackend(mcfg, None, args.device, "fp32")
@@ -113,6 +194,22 @@ def main() -> None:
           f"pipeline/model = {large['images_per_s'] / batched:.2f}  (wall {large['wall_time_s']:.1f} s)")
     print(f"driver peak RSS: {rss_before:.0f} MiB before runs, {rss_small:.0f} after {args.images} images, "
           f"{rss_large:.0f} after {4 * args.images} images (growth {rss_large - rss_small:+.0f} MiB for 4x the images)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--min-size", type=int, default=320)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--zero-cost-images", type=int, default=400)
+    parser.add_argument("--skip-model", action="store_true", help="only the zero-cost section")
+    args = parser.parse_args()
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])
+    work = Path(tempfile.mkdtemp(prefix="batchseg-bench-"))
+    if not args.skip_model:
+        model_section(args, work)
+    zero_cost_section(args, work)
 
 
 if __name__ == "__main__":
