@@ -1,20 +1,23 @@
 """Review priority: which images a human should look at first, from what the models produced.
 
 Computed in the predictor actor from the encoded cells (no extra model work), written as the
-`review_priority` column: 0..1, higher = look first. Every signal is an uncertainty in 0..1,
-and they combine like independent chances that something is wrong:
+`review_priority` column: 0..1, higher = look first. Each signal estimates how many
+corrections an annotator will make; they add up to E, and
 
-    priority = 1 - prod(1 - u) over the signals the run's tasks give
+    priority = E / (E + 1)
+
+(one expected correction gives 0.5, three give 0.75; crowded images rank high but keep their
+order, where a product of chances would pin them all at 1):
 
   scores       per scored item (instance, person, thing segment):
                near = 1 - (score - threshold) / (1 - threshold), clipped to 0..1
-               (1 at the threshold, 0 at score 1); u = 1 - prod(1 - near / 2): one item at
-               the threshold gives 0.5, two give 0.75: low margins and many borderline items.
-  disagreement instance and panoptic both ran: for each instance, 1 - the IoU of its mask with
-               the best panoptic thing segment of the same category (pycocotools RLE IoU);
-               u = mean over instances. Two models disagreeing about an object's extent.
-  keypoints    per person, the fraction of keypoints below detectron2's visibility threshold
-               (0.05, what its Visualizer uses); u = mean over people.
+               (1 at the threshold, 0 at score 1); each item adds near / 2: low margins and
+               many borderline items.
+  disagreement instance and panoptic both ran: each instance adds 1 - the IoU of its mask with
+               the best panoptic thing segment of the same category (pycocotools RLE IoU).
+               Two models disagreeing about an object's extent.
+  keypoints    each person adds the fraction of its keypoints below detectron2's visibility
+               threshold (0.05, what its Visualizer uses).
 An image where nothing was found scores 0: there is nothing to correct.
 """
 
@@ -30,42 +33,37 @@ KEYPOINT_VISIBLE = 0.05  # detectron2 Visualizer's keypoint threshold
 
 def priority(cells: dict[str, list[dict[str, Any]]], thresholds: dict[str, float]) -> float:
     """cells: task -> encoded cell (instances, panoptic segments, people); thresholds: task ->
-    the score threshold it ran with. Returns 0..1 (not rounded: crowded images sit close to 1
-    and still need an order)."""
-    signals = []
+    the score threshold it ran with. Returns 0..1."""
+    expected = 0.0
     for task in ("instance", "keypoint", "densepose"):
-        if cells.get(task):
-            signals.append(score_uncertainty([item["score"] for item in cells[task]], thresholds.get(task, 0.0)))
-    if cells.get("panoptic"):
-        things = [s["score"] for s in cells["panoptic"] if s.get("isthing") and s.get("score") is not None]
-        signals.append(score_uncertainty(things, thresholds.get("panoptic", 0.0)))
+        expected += expected_score_fixes([item["score"] for item in cells.get(task) or []], thresholds.get(task, 0.0))
+    things = [s["score"] for s in cells.get("panoptic") or [] if s.get("isthing") and s.get("score") is not None]
+    expected += expected_score_fixes(things, thresholds.get("panoptic", 0.0))
     if cells.get("instance") and cells.get("panoptic") is not None:
-        signals.append(disagreement(cells["instance"], cells["panoptic"]))
-    if cells.get("keypoint"):
-        signals.append(float(np.mean([_hidden_fraction(p["keypoints"]) for p in cells["keypoint"]])))
-    confident = np.prod([1.0 - min(max(u, 0.0), 1.0) for u in signals]) if signals else 1.0
-    return float(1.0 - confident)
+        expected += disagreement(cells["instance"], cells["panoptic"])
+    expected += sum(_hidden_fraction(p["keypoints"]) for p in cells.get("keypoint") or [])
+    return expected / (expected + 1.0)
 
 
-def score_uncertainty(scores: list[float], threshold: float) -> float:
+def expected_score_fixes(scores: list[float], threshold: float) -> float:
+    """Sum over items of near / 2, near = 1 at the threshold and 0 at score 1."""
     if not scores:
         return 0.0
     near = np.clip(1.0 - (np.asarray(scores, float) - threshold) / max(1.0 - threshold, 1e-6), 0.0, 1.0)
-    return float(1.0 - np.prod(1.0 - near / 2))
+    return float(np.sum(near) / 2)
 
 
 def disagreement(instances: list[dict[str, Any]], segments: list[dict[str, Any]]) -> float:
-    """Mean over instances of 1 - IoU with the best same-category panoptic thing segment."""
+    """Sum over instances of 1 - IoU with the best same-category panoptic thing segment."""
     things = [s for s in segments if s.get("isthing")]
-    worst = []
+    total = 0.0
     for inst in instances:
         same = [s for s in things if s["category_id"] == inst["category_id"]]
-        if not same:
-            worst.append(1.0)
-            continue
-        ious = mask_util.iou([_rle(inst)], [_rle(s) for s in same], [0] * len(same))
-        worst.append(1.0 - float(np.max(ious)))
-    return float(np.mean(worst)) if worst else 0.0
+        if same:
+            total += 1.0 - float(np.max(mask_util.iou([_rle(inst)], [_rle(s) for s in same], [0] * len(same))))
+        else:
+            total += 1.0
+    return total
 
 
 def _rle(item: dict[str, Any]) -> dict[str, Any]:
