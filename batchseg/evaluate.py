@@ -67,6 +67,9 @@ def evaluate(results: Results, gt_path: str, gt_panoptic_dir: str | None = None,
     opts = storage_options or {}
     with fsspec.open(gt_path, "r", **opts) as f:
         gt = json.load(f)
+    if not isinstance(gt, dict):
+        raise ConfigError(f"{gt_path} is not a COCO ground truth: expected an object with images, annotations "
+                          f"and categories, found a JSON {type(gt).__name__}")
     if not gt.get("images"):
         raise ConfigError(f"{gt_path} holds no images; expected a COCO ground-truth JSON")
     ok = (r for r in results.rows(["image_uri", "error"]) if r["error"] is None)

@@ -16,11 +16,12 @@ from batchseg import inflight, lease, ledger, manifests, pipeline, provenance, r
 from batchseg.config import ConfigError, JobConfig
 from batchseg.errors import one_line, storage_error
 from batchseg.predictors.base import backend_class, weights_uri
+from batchseg.predictors.checkpoints import CheckpointError
 from batchseg.schema import ANNOTATIONS, LEDGER, RUNS
 from batchseg.sink import RunSink
-from batchseg.storage import join, write_json, write_text
+from batchseg.storage import is_s3, join, write_json, write_text
 from batchseg.tasks import TASK_TABLE, allowed_ids
-from batchseg.weights import WeightsError, WeightsRef, resolve
+from batchseg.weights import WeightsError, WeightsRef, is_remote, resolve
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,12 @@ def preflight(job: JobConfig) -> Prepared:
             raise ConfigError(f"{where}: {one_line(e)}") from None
         try:
             weights[task] = resolve(uri, job.storage_options(uri), model.weights_sha256, job.allow_http_weights) if uri else None
-        except WeightsError as e:
+            if weights[task] and not is_remote(uri) and hasattr(backend, "check_weights"):
+                backend.check_weights(model, uri.removeprefix("file://"))  # local: cheap to open here
+        except (WeightsError, CheckpointError) as e:
             raise ConfigError(f"{where}.weights: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{where}: {one_line(e).removeprefix('ValueError: ')}") from None
         fingerprints[task] = provenance.fingerprint(task, job, weights[task].identity() if weights[task] else None,
                                                     categories[task])
         records[task] = provenance.task_record(task, job, weights[task], fingerprints[task])
@@ -125,13 +130,20 @@ def _any_image(units: list[Any], storage_options: dict[str, Any]) -> bool:
 
 
 def _check_output(job: JobConfig) -> None:
+    """The output is a folder (or nothing yet) we can reach; on an object store, its bucket exists."""
+    shown = provenance.redact(job.output)
     try:
         fs, path = url_to_fs(job.output.rstrip("/"), **job.storage_options(job.output))
-        is_file = fs.isfile(path)
+        if is_s3(fs):  # one small LIST: its error names the cause (a HEAD's 403 does not say why)
+            fs.call_s3("list_objects_v2", Bucket=path.split("/", 1)[0], MaxKeys=1)
+        try:
+            is_file = fs.info(path).get("type") == "file"
+        except FileNotFoundError:
+            is_file = False
     except Exception as e:
-        raise ConfigError(f"output {provenance.redact(job.output)} is not reachable: {one_line(e)}") from None
+        raise ConfigError(f"output {shown} is not reachable: {storage_error(e) or one_line(e)}") from None
     if is_file:
-        raise ConfigError(f"output {job.output} is a file; give a folder (it gets annotations/ and runs/)")
+        raise ConfigError(f"output {shown} is a file; give a folder (it gets annotations/ and runs/)")
 
 
 def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:

@@ -112,6 +112,13 @@ class Detectron2Model:
         return _preprocessor(cls.densepose, cfg.model_dump_json())
 
     @classmethod
+    def check_weights(cls, cfg: ModelConfig, path: str) -> None:
+        """Before any work: `path` loads as a checkpoint (a dict), without running code."""
+        data = checkpoints.load_pickle(path) if path.endswith(".pkl") else checkpoints.load_torch(path)
+        if not isinstance(data, dict):
+            raise checkpoints.CheckpointError(f"{path} is not a checkpoint (a {type(data).__name__})")
+
+    @classmethod
     def default_weights(cls, cfg: ModelConfig) -> str:
         """The official model-zoo checkpoint for the configured zoo name."""
         from detectron2 import model_zoo

@@ -49,11 +49,7 @@ class TorchvisionBackend:
         state = _load_state(weights) if weights else None
         label_map = self.categories(cfg).things
         num_classes = state[_CLS_WEIGHT].shape[0] if state is not None else max(label_map) + 1
-        if num_classes <= max(label_map):
-            raise ValueError(
-                f"checkpoint has {num_classes} classes but the label map names index {max(label_map)}; "
-                "give a label_map that matches the checkpoint"
-            )
+        _check_label_map(cfg, label_map, num_classes)
         self._index_to_id = np.full(num_classes, -1, np.int64)  # -1: background / "N/A" slots
         for index, category in label_map.items():
             self._index_to_id[index] = category.id
@@ -81,6 +77,11 @@ class TorchvisionBackend:
         """From cfg.label_map (index 0 is background), else torchvision's COCO table."""
         given = load_label_map(cfg.label_map)
         return Categories(given if given is not None else _coco_label_map(ARCHITECTURES[_arch(cfg)][1]))
+
+    @classmethod
+    def check_weights(cls, cfg: ModelConfig, path: str) -> None:
+        """Before any work: `path` is a Mask R-CNN checkpoint and the label map covers its classes."""
+        _check_label_map(cfg, cls.categories(cfg).things, _load_state(path)[_CLS_WEIGHT].shape[0])
 
     @staticmethod
     def preprocessor(cfg: ModelConfig) -> Preprocessor:
@@ -146,6 +147,29 @@ def _arch(cfg: ModelConfig) -> str:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown torchvision model {arch!r}; use one of {', '.join(ARCHITECTURES)}")
     return arch
+
+
+def _check_label_map(cfg: ModelConfig, label_map: dict[int, Category], num_classes: int) -> None:
+    """A given label_map must name every class of the checkpoint (1..num_classes-1; 0 is the
+    background): an unnamed class would silently drop its detections."""
+    if max(label_map) >= num_classes:
+        raise ValueError(f"checkpoint has {num_classes} classes but the label_map names index {max(label_map)}; "
+                         "give a label_map that matches the checkpoint")
+    missing = [i for i in range(1, num_classes) if i not in label_map]
+    if cfg.label_map is not None and missing:
+        raise ValueError(f"label_map names {num_classes - 1 - len(missing)} of the checkpoint's {num_classes - 1} "
+                         f"classes (missing indices {_ranges(missing)}); name them all, and keep some with categories")
+
+
+def _ranges(indices: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3..5, 9'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
