@@ -100,7 +100,7 @@ class Results:
     def _batches(self, path: str, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
         try:
             f = self.fs.open(path, "rb", block_size=READ_BLOCK)
-            reader = pq.ParquetFile(f)
+            reader = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads a file's columns whole
         except (OSError, pa.ArrowException) as e:
             log.warning("skipping %s: not a readable Parquet file (%s)", self.fs.unstrip_protocol(path), e)
             return
