@@ -3,18 +3,28 @@
 EXIF orientation is applied (so width/height are those a viewer shows), and every PIL mode a
 camera, scanner or editor writes is brought to RGB: grayscale, 16-bit grayscale (scaled, not
 clipped), palette, alpha (dropped, as detectron2's read_image does), CMYK.
+
+Optionally (decode_on_device), the JPEGs a GPU decodes as PIL does are decoded there instead:
+`device_jpeg_header` picks them from their header on the CPU, `decode_jpegs` decodes a batch of
+them on the device, `orient` applies the EXIF orientation that PIL read, and each
+preprocessor's `on_device` resizes the result.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from batchseg.errors import one_line
+
+if TYPE_CHECKING:
+    import torch
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -62,19 +72,36 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def resize_shortest_edge(rgb: np.ndarray, short: int, long_cap: int) -> np.ndarray:
-    """Scale (H, W, C) uint8 so the short side is `short` px, the long side at most `long_cap`.
-
-    Bilinear, the same rule (and rounding) as detectron2's ResizeShortestEdge at test time.
-    """
-    h, w = rgb.shape[:2]
+def shortest_edge_size(h: int, w: int, short: int, long_cap: int) -> tuple[int, int]:
+    """(h, w) -> (new_h, new_w), pixels: the short side `short`, the long side at most
+    `long_cap`; the same rule (and rounding) as detectron2's ResizeShortestEdge at test time."""
     scale = short / min(h, w)
     if max(h, w) * scale > long_cap:
         scale = long_cap / max(h, w)
-    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_shortest_edge(rgb: np.ndarray, short: int, long_cap: int) -> np.ndarray:
+    """Scale (H, W, C) uint8 to shortest_edge_size, bilinear (PIL)."""
+    h, w = rgb.shape[:2]
+    new_h, new_w = shortest_edge_size(h, w, short, long_cap)
     if (new_h, new_w) == (h, w):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR))
+
+
+def resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, H, W) uint8 tensor -> (C, size[0], size[1]) uint8, on its device.
+
+    Bilinear with antialias, the closest torch has to PIL's bilinear (which widens its filter
+    when shrinking): the same size, pixels within a few levels, not byte-identical.
+    """
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 @dataclass(frozen=True)
@@ -86,3 +113,95 @@ class ShortestEdge:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         return resize_shortest_edge(rgb, self.short, self.long_cap)
+
+    def on_device(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The same on a (3, H, W) uint8 RGB tensor, on its device (resize_tensor)."""
+        return resize_tensor(rgb, shortest_edge_size(*rgb.shape[-2:], self.short, self.long_cap))
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """A JPEG the device decodes as PIL does, as its header describes it."""
+
+    height: int  # upright (EXIF orientation applied), pixels
+    width: int
+    orientation: int  # EXIF orientation, 1..8 (1: stored upright); what ImageOps.exif_transpose reads
+
+
+_JPEG_EOI = b"\xff\xd9"
+_SIDEWAYS = (5, 6, 7, 8)  # orientations that swap height and width
+
+
+def device_jpeg_header(data: bytes, max_pixels: int) -> JpegHeader | None:
+    """The header of a JPEG that decode_jpegs may take, else None: decode it with decode_rgb.
+
+    Parses the header only (PIL opens lazily). Taken: a non-progressive 8-bit JPEG (format
+    JPEG, not MPO), grayscale or YCbCr, within max_pixels, ending at its EOI marker. Left to the
+    CPU: progressive, CMYK/YCCK, RGB-coded (Adobe transform 0), 12-bit, a file that does not end
+    at EOI (truncated, or data appended), and anything PIL cannot open, so that decode_rgb
+    decodes it or raises today's error. What the header cannot tell (a corrupt scan, arithmetic
+    coding) is left to decode_jpegs, which returns None for what the device fails to decode.
+    """
+    if not data.endswith(_JPEG_EOI):
+        return None
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+                if (image.format != "JPEG" or image.mode not in ("L", "RGB") or image.info.get("progressive")
+                        or (image.mode == "RGB" and image.info.get("adobe_transform") == 0)):
+                    return None
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                orientation = int(orientation) if orientation in _ORIENT else 1  # as exif_transpose reads it
+                w, h = image.size
+    except Exception:  # whatever PIL refuses, decode_rgb refuses with today's message
+        return None
+    return JpegHeader(*((w, h) if orientation in _SIDEWAYS else (h, w)), orientation)
+
+
+def decode_jpegs(data: list[bytes], device: torch.device | str) -> list[torch.Tensor | None]:
+    """JPEG bytes -> (3, H, W) uint8 RGB tensors on `device`, as stored (no EXIF orientation).
+
+    One batched torchvision.io.decode_jpeg (nvJPEG on CUDA, libjpeg on CPU). If the batch
+    fails, each file is decoded alone; None for a file the device cannot decode.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+
+    def decode(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs for TorchCodec's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+
+    try:
+        return list(decode(encoded))
+    except Exception:  # nvJPEG fails a whole batch for one bad file
+        out: list[torch.Tensor | None] = []
+        for one in encoded:
+            try:
+                out += decode([one])
+            except Exception:
+                out.append(None)
+        return out
+
+
+_ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    # EXIF orientation -> ImageOps.exif_transpose's transpose, on the last two (H, W) dims
+    1: lambda t: t,
+    2: lambda t: t.flip(-1),  # FLIP_LEFT_RIGHT
+    3: lambda t: t.flip(-2, -1),  # ROTATE_180
+    4: lambda t: t.flip(-2),  # FLIP_TOP_BOTTOM
+    5: lambda t: t.transpose(-2, -1),  # TRANSPOSE
+    6: lambda t: t.rot90(-1, (-2, -1)),  # ROTATE_270 (counter-clockwise: a quarter turn clockwise)
+    7: lambda t: t.transpose(-2, -1).flip(-2, -1),  # TRANSVERSE
+    8: lambda t: t.rot90(1, (-2, -1)),  # ROTATE_90
+}
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) tensor as stored -> upright, as ImageOps.exif_transpose turns it for
+    `orientation` (JpegHeader.orientation); a view where it can be."""
+    return _ORIENT[orientation](image)

@@ -6,6 +6,8 @@ A backend is split so that the driver and the CPU stages never load a model:
   - `preprocessor(model_cfg)` -> callable run in the decode stage: (H, W, 3) uint8 RGB ->
     the model's input array (resized, channel order the model wants), uint8. Preprocessors
     that compare equal are run once and their output shared by the tasks that use them.
+    Optional `on_device(tensor)`: the same on a (3, H, W) uint8 RGB tensor, giving (3, h, w)
+    uint8 on its device; with it a backend accepts decode_on_device (JPEGs decoded on the GPU).
   - `default_weights(model_cfg)` (optional) -> weights URI used when none are configured.
   - `Backend(model_cfg, weights_path, device, precision)` loads the model once (in a
     predictor actor); `predict(images)` runs one batched forward and returns one result per
@@ -74,7 +76,9 @@ def _unique(table: dict[int, Category]) -> list[dict[str, Any]]:
 @dataclass
 class ModelInput:
     uri: str
-    image: np.ndarray  # (h, w, 3) uint8, already preprocessed for this model
+    # already preprocessed for this model: (h, w, 3) uint8 array, or (3, h, w) uint8 tensor
+    # on the model's device where the JPEG was decoded there (decode_on_device)
+    image: Any
     height: int  # original (upright) image height, pixels
     width: int  # original (upright) image width, pixels
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from batchseg.config import ModelConfig
+from batchseg.imaging import resize_tensor
 from batchseg.predictors import checkpoints, densepose_configs
 from batchseg.predictors.base import (
     Categories, Category, CroppedMasks, Detections, DensePose, Keypoints, ModelInput, Panoptic, PanopticSegment,
@@ -85,6 +86,15 @@ class D2Preprocess:
         image = rgb[:, :, ::-1] if self.bgr else rgb
         aug = T.ResizeShortestEdge([self.min_size, self.min_size], self.max_size)
         return np.ascontiguousarray(aug.get_transform(image).apply_image(image))
+
+    def on_device(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The same on a (3, H, W) uint8 RGB tensor, on its device: ResizeShortestEdge's output
+        size, bilinear with antialias (imaging.resize_tensor), then the channel order."""
+        from detectron2.data.transforms import ResizeShortestEdge
+
+        size = ResizeShortestEdge.get_output_shape(*rgb.shape[-2:], self.min_size, self.max_size)
+        image = resize_tensor(rgb, size)
+        return image.flip(0) if self.bgr else image
 
 
 class Detectron2Model:

@@ -16,11 +16,15 @@ import torch
 from batchseg.predictors.base import CroppedMasks
 
 
-def image_tensor(image: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """(h, w, 3) uint8 host array -> (3, h, w) uint8 contiguous tensor on `device`.
+def image_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A model input (ModelInput.image) -> (3, h, w) uint8 contiguous tensor on `device`.
 
-    Only the uint8 bytes cross to the device; the transpose happens there.
+    image: (h, w, 3) uint8 host array: only its uint8 bytes cross to the device, the transpose
+    happens there. Or (3, h, w) uint8 tensor, decoded on the device (decode_on_device): kept
+    as it is when already on `device` and contiguous.
     """
+    if isinstance(image, torch.Tensor):
+        return image.to(device).contiguous()
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; torch never writes to it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         host = torch.from_numpy(image)
