@@ -106,6 +106,7 @@ class JobConfig(_Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    decode_on_device: bool = Field(False, description="decode baseline JPEGs on the GPU (nvJPEG); needs device cuda")
     batch_size: int = Field(4, gt=0, description="images per model forward")
     num_actors: int | None = Field(None, gt=0, description="predictor actors; None = one per GPU")
     max_actors: int | None = Field(None, gt=0, description="autoscale the pool up to this many")
@@ -162,6 +163,8 @@ class JobConfig(_Strict):
     def _coherent(self) -> "JobConfig":
         if self.precision != "fp32" and self.device == "cpu":
             raise ValueError(f"precision {self.precision} needs CUDA; use precision: fp32 on CPU")
+        if self.decode_on_device and self.device == "cpu":
+            raise ValueError("decode_on_device needs CUDA; set device: cuda (or auto), or decode_on_device: false on CPU")
         if self.max_actors is not None and self.max_actors < (self.num_actors or 1):
             raise ValueError("max_actors must be >= num_actors")
         return self

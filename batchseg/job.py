@@ -54,7 +54,7 @@ def preflight(job: JobConfig) -> Prepared:
         where = f"models.{task}"
         try:
             backend = backend_class(model.backend, task)
-            backend.preprocessor(model)
+            preprocessor = backend.preprocessor(model)
             allowed_ids(task, model, backend)
             categories[task] = backend.categories(model).table()
             uri = weights_uri(model, backend)
@@ -65,6 +65,9 @@ def preflight(job: JobConfig) -> Prepared:
             raise ConfigError(f"{where}: backend {model.backend!r} not found: {e}") from None
         except Exception as e:
             raise ConfigError(f"{where}: {one_line(e)}") from None
+        if job.decode_on_device and not hasattr(preprocessor, "on_device"):
+            raise ConfigError(f"{where}: backend {model.backend!r} cannot preprocess on the device (its preprocessor "
+                              "has no on_device); set decode_on_device: false")
         try:
             weights[task] = resolve(uri, job.storage_options(uri), model.weights_sha256, job.allow_http_weights) if uri else None
             if weights[task] and not is_remote(uri) and hasattr(backend, "check_weights"):

@@ -50,6 +50,8 @@ def place(job: JobConfig) -> Placement:
         device = "cuda" if gpus > 0 else "cpu"
         log.info("device auto -> %s: the cluster has %g GPU(s) now%s", device, gpus,
                  "" if gpus else "; on a cluster whose GPU workers scale from zero set device: cuda")
+        if job.decode_on_device and device == "cpu":
+            log.info("decode_on_device is off: device auto resolved to cpu, and JPEGs are decoded on the GPU only")
     else:
         device = job.device
         if device == "cuda" and gpus == 0:
@@ -83,8 +85,9 @@ def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, We
     )
     on_cpu = where.device == "cpu"
     if not on_cpu:  # decode in CPU tasks beside the GPU actors; on CPU the actor decodes what it predicts
-        ds = ds.map_batches(
-            stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels, "journal": journal},
+        ds = ds.map_batches(  # decode_on_device: JPEGs the GPU decodes as PIL does go on as bytes
+            stages.decode_batch, fn_kwargs={"models": models, "max_pixels": job.max_image_pixels, "journal": journal,
+                                            "jpegs_to_device": job.decode_on_device},
             batch_size=None, num_cpus=1,
         )
     ds = ds.map_batches(

@@ -51,6 +51,8 @@ def fingerprint(task: str, job: JobConfig, weights: dict[str, Any] | None, categ
         "precision": job.precision,
         "encoding": ENCODING_VERSION,
     }
+    if job.decode_on_device:  # other pixels than PIL's; only when on, so existing fingerprints hold
+        payload["decode_on_device"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -5,7 +5,8 @@ Columns grow as a row moves along:
   list      uri, size, version, is_shard
   read      uri, size, version, key, members, data (bytes), error, error_kind
   decode    uri, size, version, key, members, error, error_kind, height, width,
-            image_0.. ((h, w, 3) uint8 model inputs)
+            image_0.. ((h, w, 3) uint8 model inputs); with decode_on_device also
+            jpeg (bytes of a JPEG left to the actor's device, else b""), orientation
   annotate  -> pyarrow Table: schema.ROW plus `_key` and `_members` for the sink
 `key` is the row's done key (batchseg.ledger). `members` is -1 for an image and, for the
 marker row a tar shard ends with, the number of images in the shard (the ledger records
@@ -27,9 +28,11 @@ import pyarrow as pa
 from batchseg import failures, inflight, manifests, review, sources
 from batchseg.config import JobConfig, ModelConfig, StorageConfig
 from batchseg.errors import one_line
-from batchseg.imaging import DecodeError, decode_rgb
+from batchseg.imaging import DecodeError, decode_jpegs, decode_rgb, device_jpeg_header, orient
 from batchseg.ledger import DoneSet, done_key, done_keys_of
-from batchseg.predictors.base import Backend, ModelInput, Result, backend_class, group_by_shape, preprocess_plan
+from batchseg.predictors.base import (
+    Backend, ModelInput, Preprocessor, Result, backend_class, group_by_shape, preprocess_plan,
+)
 from batchseg.schema import ROW, image_id
 from batchseg.tasks import TASK_TABLE, allowed_ids
 from batchseg.weights import WeightsRef, fetch
@@ -118,31 +121,26 @@ class _Batcher:
 
 
 def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], max_pixels: int,
-                 journal: Any = None) -> dict[str, np.ndarray]:
+                 journal: Any = None, jpegs_to_device: bool = False) -> dict[str, np.ndarray]:
     """bytes -> upright RGB -> each distinct model input (`image_0`, `image_1`, ...).
 
     Records the original size; see preprocess_plan for which task reads which image column.
     Guarded by the run's in-flight journal (batchseg.inflight; None: unguarded): an image that kills the decoding process
     repeatedly becomes an error row.
+    jpegs_to_device (decode_on_device): a JPEG the device decodes as PIL does
+    (imaging.device_jpeg_header) is not decoded here: its bytes go on in `jpeg`, its EXIF
+    orientation in `orientation`, its upright size in height/width, for decode_on_device.
     """
     preprocessors, _ = preprocess_plan(models)
     errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
     todo = [i for i in range(len(errors)) if errors[i] is None and batch["members"][i] < 0]
-
-    def decode(indices: list[int]) -> list[tuple[list[np.ndarray], int, int, str | None, str | None]]:
-        out = []
-        for i in indices:
-            try:
-                rgb = decode_rgb(batch["data"][todo[i]], max_pixels)
-                out.append(([prep(rgb) for prep in preprocessors], *rgb.shape[:2], None, None))
-            except Exception as e:
-                out.append(([_NO_IMAGE] * len(preprocessors), -1, -1, _decode_error(e), failures.decode_failure_kind(e)))
-        return out
-
-    def given_up(i: int):
-        return [_NO_IMAGE] * len(preprocessors), -1, -1, "decode killed its worker repeatedly", failures.MODEL
-
-    decoded = inflight.guarded(journal, "decode", [int(batch["key"][i]) for i in todo], decode, given_up)
+    headers = {}
+    if jpegs_to_device:
+        headers = {i: header for i in todo if (header := device_jpeg_header(batch["data"][i], max_pixels))}
+        todo = [i for i in todo if i not in headers]
+    decoded = inflight.guarded(journal, "decode", [int(batch["key"][i]) for i in todo],
+                               lambda idx: [_decode(batch["data"][todo[j]], preprocessors, max_pixels) for j in idx],
+                               lambda j: _killed(preprocessors))
     images = [[_NO_IMAGE] * len(errors) for _ in preprocessors]
     heights, widths = np.full(len(errors), -1, np.int32), np.full(len(errors), -1, np.int32)
     for i, (inputs, h, w, error, kind) in zip(todo, decoded):
@@ -150,13 +148,74 @@ def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], m
             column[i] = image
         heights[i], widths[i], errors[i], kinds[i] = h, w, error, kind
     out = {k: batch[k] for k in ("uri", "size", "version", "key", "members")}
+    if jpegs_to_device:
+        for i, header in headers.items():
+            heights[i], widths[i] = header.height, header.width
+        out["jpeg"] = _object_array([batch["data"][i] if i in headers else b"" for i in range(len(errors))])
+        out["orientation"] = np.array([headers[i].orientation if i in headers else 1 for i in range(len(errors))], np.int8)
     out.update(error=_object_array(errors), error_kind=_object_array(kinds), height=heights, width=widths)
     out.update({f"image_{k}": _object_array(column) for k, column in enumerate(images)})
     return out
 
 
+_Decoded = tuple[list[Any], int, int, str | None, str | None]  # model inputs, height, width, error, error_kind
+
+
+def _decode(data: bytes, preprocessors: list[Preprocessor], max_pixels: int) -> _Decoded:
+    """One image on the CPU: decode_rgb, then each preprocessor; or the one-line error."""
+    try:
+        rgb = decode_rgb(data, max_pixels)
+        return [prep(rgb) for prep in preprocessors], *rgb.shape[:2], None, None
+    except Exception as e:
+        return [_NO_IMAGE] * len(preprocessors), -1, -1, _decode_error(e), failures.decode_failure_kind(e)
+
+
+def _killed(preprocessors: list[Preprocessor]) -> _Decoded:
+    """An image given up by the in-flight journal."""
+    return [_NO_IMAGE] * len(preprocessors), -1, -1, "decode killed its worker repeatedly", failures.MODEL
+
+
 def _decode_error(e: Exception) -> str:
     return str(e) if isinstance(e, DecodeError) else one_line(e)
+
+
+def decode_on_device(batch: dict[str, np.ndarray], preprocessors: list[Preprocessor], max_pixels: int,
+                     device: str, journal: Any = None) -> dict[str, np.ndarray]:
+    """The JPEGs decode_batch passed on (`jpeg`) -> each preprocessor's model input on `device`.
+
+    All of the batch's JPEGs in one batched decode (imaging.decode_jpegs: nvJPEG on CUDA), the
+    EXIF orientation applied there, then each preprocessor's on_device: `image_k` gets (3, h, w)
+    uint8 tensors on `device`. A file the device cannot decode is decoded on the CPU as
+    decode_batch would have (the same arrays, or the same error row). Guarded by the journal
+    like decode_batch. Returns the batch with image, size and error columns updated.
+    """
+    rows = [i for i, data in enumerate(batch["jpeg"]) if len(data)]
+    if not rows:
+        return batch
+
+    def decode(indices: list[int]) -> list[_Decoded]:
+        stored = decode_jpegs([batch["jpeg"][rows[j]] for j in indices], device)
+        out = []
+        for j, image in zip(indices, stored):
+            if image is None:
+                out.append(_decode(batch["jpeg"][rows[j]], preprocessors, max_pixels))
+                continue
+            upright = orient(image, int(batch["orientation"][rows[j]]))
+            out.append(([prep.on_device(upright) for prep in preprocessors], *upright.shape[-2:], None, None))
+        return out
+
+    decoded = inflight.guarded(journal, "device decode", [int(batch["key"][i]) for i in rows], decode,
+                               lambda j: _killed(preprocessors))
+    errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
+    heights, widths = batch["height"].copy(), batch["width"].copy()
+    images = [list(batch[f"image_{k}"]) for k in range(len(preprocessors))]  # a block of equal shapes comes as one array
+    for i, (inputs, h, w, error, kind) in zip(rows, decoded):
+        for column, image in zip(images, inputs):
+            column[i] = image
+        heights[i], widths[i], errors[i], kinds[i] = h, w, error, kind
+    out = dict(batch, error=_object_array(errors), error_kind=_object_array(kinds), height=heights, width=widths)
+    out.update({f"image_{k}": _object_array(column) for k, column in enumerate(images)})
+    return out
 
 
 class Annotate:
@@ -177,7 +236,7 @@ class Annotate:
         so no decoded image crosses a stage boundary (on CPU, where decode shares the cores)."""
         self.models = {task: job.models[task] for task in job.tasks}
         self.decodes, self.max_pixels = decodes, job.max_image_pixels
-        _, self.image_column = preprocess_plan(self.models)
+        self.preprocessors, self.image_column = preprocess_plan(self.models)
         self.device, self.journal = device, journal
         self.backends, self.allowed = {}, {}
         for task, cfg in self.models.items():
@@ -194,6 +253,8 @@ class Annotate:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.decodes:
             batch = decode_batch(batch, self.models, self.max_pixels, self.journal)
+        if "jpeg" in batch:  # decode_batch left JPEGs to this device (decode_on_device)
+            batch = decode_on_device(batch, self.preprocessors, self.max_pixels, self.device, self.journal)
         n = len(batch["uri"])
         errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
         todo = [i for i in range(n) if errors[i] is None and batch["members"][i] < 0]
@@ -236,7 +297,7 @@ class Annotate:
             column = batch[f"image_{self.image_column[task]}"]
             inputs = [ModelInput(str(batch["uri"][indices[j]]), column[indices[j]], int(batch["height"][indices[j]]),
                                  int(batch["width"][indices[j]])) for j in todo]
-            for group in group_by_shape([x.image.shape[:2] for x in inputs], self.batch_size[task]):
+            for group in group_by_shape([_input_size(x.image) for x in inputs], self.batch_size[task]):
                 results = self._predict(backend, [inputs[g] for g in group], len(group))
                 done = []
                 for g, result in zip(group, results):
@@ -296,6 +357,11 @@ def _free_device_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def _input_size(image: Any) -> tuple[int, int]:
+    """(h, w) of a ModelInput.image: an (h, w, 3) array or a (3, h, w) tensor."""
+    return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
 
 
 def _text(value: Any) -> str | None:
