@@ -251,7 +251,7 @@ def bench_planning_s3(rows: int) -> None:
         size = write_output("bench/out", rows // per_run, per_run, realistic_instances(np.random.default_rng(0)), fs)
         print(f"(b) planning over {rows:,} rows of ~{size / rows / 1024:.0f} KB ({size / 2**30:.2f} GiB) on a moto S3 server")
         for what in ("old", "new"):
-            with FaultyProxy(endpoint, every=0) as proxy:
+            with FaultyProxy(endpoint) as proxy:
                 result = measure(what, "s3://bench/out", {"client_kwargs": {"endpoint_url": proxy.url},
                                                           "skip_instance_cache": True})
             print(f"    {what}: read {proxy.bytes_out / 2**20:8.1f} MiB = {100 * proxy.bytes_out / size:6.2f} % of the "

@@ -60,16 +60,16 @@ def test_a_rerun_over_done_tar_shards_reads_no_shard_bytes(ray_cluster, s3_endpo
     for shard in (samples.root / "shards").glob("*.tar"):
         s3.upload_file(str(shard), "shards", f"in/{shard.name}")
     s3.put_object(Bucket="shards", Key="in/broken.tar", Body=b"\x00garbage" * 100)
-    with FaultyProxy(s3_endpoint, every=0) as proxy:
+    with FaultyProxy(s3_endpoint) as proxy:
         run = dict(inputs=["s3://shards/in/"], output="s3://shards/out", models={"instance": ORACLE},
                    s3={"endpoint_url": proxy.url})
         first = run_job(**run)[1]
-        shard_gets = [p for m, p in proxy.requests_seen if m == "GET" and p.split("?")[0].endswith(".tar")]
+        shard_gets = [p for m, p, _ in proxy.requests_seen if m == "GET" and p.split("?")[0].endswith(".tar")]
         assert first["images"]["in"] > 1 and first["images"]["failed"] == 1 and shard_gets
         proxy.requests_seen.clear()
         second = run_job(**run)[1]
     assert second["images"]["in"] == 0  # the corrupt shard too: recorded once
-    assert [p for m, p in proxy.requests_seen if p.split("?")[0].endswith(".tar") and m in ("GET", "HEAD")] == []
+    assert [p for m, p, _ in proxy.requests_seen if p.split("?")[0].endswith(".tar") and m in ("GET", "HEAD")] == []
 
 
 def test_an_image_that_kills_its_worker_every_time_ends_as_one_error_row(ray_cluster, tmp_path):

@@ -19,14 +19,14 @@ def test_predictor_actor_killed_mid_run_is_replaced(ray_cluster, samples, tmp_pa
 def test_transient_s3_errors_are_retried(ray_cluster, s3_endpoint, samples, tmp_path):
     import boto3
 
-    from tests.faulty_proxy import FaultyProxy
+    from tests.faulty_proxy import FaultyProxy, every
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="flaky")
     for path in samples.root.rglob("*"):
         if path.is_file():
             s3.upload_file(str(path), "flaky", f"images/{path.relative_to(samples.root)}")
-    with FaultyProxy(s3_endpoint, every=3, budget=40) as proxy:
+    with FaultyProxy(s3_endpoint, every(3, budget=40)) as proxy:
         _, summary = run_job(
             inputs=["s3://flaky/images/"], output="s3://flaky/out",
             models={"instance": {"backend": "tests.oracle:ColorKeyBackend", "score_threshold": 0.0}},

@@ -22,7 +22,8 @@ from batchseg.provenance import model_version
 from batchseg.results import open_results
 from tests.annotated_rows import write_results as write_hand_rows
 from tests.conftest import free_port, run_job
-from tests.labelstudio_server import FlakyProxy, label_studio  # noqa: F401  (a fixture)
+from tests.faulty_proxy import FaultyProxy
+from tests.labelstudio_server import label_studio  # noqa: F401  (a fixture)
 
 ORACLES = {
     "instance": {"backend": "tests.oracle:ColorKeyBackend", "score_threshold": 0.0},
@@ -144,16 +145,17 @@ def test_transient_failures_are_retried_without_duplicates(output, label_studio,
                 return "after"  # the server imports the chunk, the client sees a 502
         return "before" if n % 4 == 0 else None  # every 4th request: 503, nothing done
 
-    with FlakyProxy(label_studio.url, fault) as proxy:
+    with FaultyProxy(label_studio.url, fault, refusal=b"Service Unavailable") as proxy:
         receipt = _push(output, proxy.url, label_studio.token, f"{title} flaky", chunk_size=3, backoff_s=0.05)
     assert receipt["status"] == "done" and receipt["retries"] >= 3
     assert receipt["tasks"] == {"created": len(rows), "updated": 0, "skipped": 0}
-    assert any(outcome == "after" for *_, outcome in proxy.log)
+    assert any(outcome == "after" for *_, outcome in proxy.requests_seen)
     assert len(_tasks(client, receipt["project"]["id"])) == len(rows)  # the lost response made no duplicates
 
 
 def test_retries_are_bounded_and_the_receipt_says_where_it_stopped(output, label_studio, tmp_path):
-    with FlakyProxy(label_studio.url, lambda method, path, n: "before" if method == "POST" else None) as proxy:
+    with FaultyProxy(label_studio.url, lambda method, path, n: "before" if method == "POST" else None,
+                     refusal=b"Service Unavailable") as proxy:
         with pytest.raises(Exception, match="failed after 3 tries"):
             push_labelstudio(open_results(str(output)), proxy.url, "never", label_studio.token,
                              PushSettings(retries=2, backoff_s=0.01), receipt=str(tmp_path / "receipt.json"))

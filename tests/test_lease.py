@@ -70,15 +70,11 @@ class SwitchProxy(FaultyProxy):
     `fail_from` .. `fail_from + fail_count - 1`."""
 
     def __init__(self, upstream: str) -> None:
-        super().__init__(upstream, every=1, budget=0)
+        super().__init__(upstream, self._fault)
         self.failing, self.fail_from, self.fail_count = False, 0, 0
 
-    def _should_fail(self) -> bool:
-        with self._lock:
-            self.requests += 1
-            fail = self.failing or self.fail_from <= self.requests < self.fail_from + self.fail_count
-            self.injected += fail
-            return fail
+    def _fault(self, method: str, path: str, n: int) -> str | None:
+        return "before" if self.failing or self.fail_from <= n < self.fail_from + self.fail_count else None
 
 
 def through(proxy: SwitchProxy, retries: int = 2) -> dict:

@@ -28,7 +28,7 @@ from batchseg.sources import (
     iter_listing,
     iter_shard,
 )
-from tests.faulty_proxy import FaultyProxy
+from tests.faulty_proxy import FaultyProxy, every
 
 
 def flat(pages) -> list[dict]:
@@ -180,10 +180,10 @@ def test_s3_nested_prefixes_are_fanned_out_and_listed_once(s3, concurrency):
 
 def test_s3_folders_of_one_object_cost_few_requests(s3, s3_endpoint):
     make_bucket(s3, "ls-sparse", {f"s/{i:04d}/a.jpg": b"" for i in range(1200)})
-    with FaultyProxy(s3_endpoint, budget=0) as proxy:
+    with FaultyProxy(s3_endpoint) as proxy:
         rows = flat(iter_listing("s3://ls-sparse/s", {"client_kwargs": {"endpoint_url": proxy.url}}))
     assert len(rows) == 1200
-    assert proxy.requests < 200  # not one a folder: runs of small prefixes share a listing
+    assert len(proxy.requests_seen) < 200  # not one a folder: runs of small prefixes share a listing
 
 
 def test_s3_flat_prefix_of_several_pages(s3):
@@ -195,18 +195,18 @@ def test_s3_flat_prefix_of_several_pages(s3):
 
 def test_s3_listing_yields_its_first_page_before_it_has_listed_the_rest(s3, s3_endpoint):
     make_bucket(s3, "ls-flat", {f"p/{i:05d}.png": b"" for i in range(2100)} | {"p/readme.md": b""})
-    with FaultyProxy(s3_endpoint, budget=0) as proxy:
+    with FaultyProxy(s3_endpoint) as proxy:
         opts = {"client_kwargs": {"endpoint_url": proxy.url}}
         listing = iter_listing("s3://ls-flat/p/", opts, concurrency=1, page_rows=100, queue_pages=1)
         first = next(listing)
         time.sleep(0.5)  # room for the listing to run ahead as far as the queue lets it
-        assert len(first) == 100 and proxy.requests == 1  # of the 3 list pages needed
-        assert len(first) + sum(map(len, listing)) == 2100 and proxy.requests == 3
+        assert len(first) == 100 and len(proxy.requests_seen) == 1  # of the 3 list pages needed
+        assert len(first) + sum(map(len, listing)) == 2100 and len(proxy.requests_seen) == 3
 
 
 def test_s3_throttled_listing_requests_are_retried(s3, s3_endpoint):
     make_bucket(s3, "ls-nested", NESTED)
-    with FaultyProxy(s3_endpoint, every=3, budget=10) as proxy:
+    with FaultyProxy(s3_endpoint, every(3, budget=10)) as proxy:
         rows = flat(iter_listing("s3://ls-nested/lake", {"client_kwargs": {"endpoint_url": proxy.url}}, concurrency=4))
     assert proxy.injected > 0
     assert by_uri(rows) == found_by_fsspec("s3://ls-nested/lake", s3)
