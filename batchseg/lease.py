@@ -237,9 +237,11 @@ class Lease:
                 return
             self.lost_error = LeaseLost(f"run {self.me['run_id']} lost the lease on {self.output}: {why}; it "
                                         "stopped writing; check which run writes this output now, then run again")
+            # decided before `lost` is seen: not once the block has ended, but always if it had not
+            tell = self.on_lost is not None and not self._stop.is_set()
             self.lost.set()
         log.error("%s", self.lost_error)
-        if self.on_lost is not None and not self._stop.is_set():  # not once the block has ended
+        if tell:
             try:
                 self.on_lost(self.lost_error)
             except Exception:
