@@ -23,7 +23,7 @@ heartbeat at the latest.
 
 from __future__ import annotations
 
-import _thread
+import ctypes
 import json
 import logging
 import os
@@ -285,8 +285,13 @@ class Fence:
 
 def interrupt_main(error: LeaseLost) -> None:
     """An `on_lost` callback: raise KeyboardInterrupt in the main thread (as Ctrl-C would), so a
-    driver blocked in Ray Data stops; the Lease's `with` block then ends with LeaseLost."""
-    _thread.interrupt_main()
+    driver blocked in Ray Data stops; the Lease's `with` block then ends with LeaseLost.
+
+    Raised as an asynchronous exception, not a simulated SIGINT: a process started in the
+    background (cron, `cmd &`, nohup) ignores SIGINT, and _thread.interrupt_main would do nothing.
+    """
+    main = threading.main_thread().ident
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(KeyboardInterrupt))
 
 
 def _parse(data: bytes) -> dict[str, Any]:
