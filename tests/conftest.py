@@ -6,6 +6,7 @@ Everything is real and local: Ray workers are separate processes, so S3 is a mot
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,13 +74,14 @@ def wait_http(url: str, seconds: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 API server on 127.0.0.1 for the whole session; yields its URL."""
+@contextlib.contextmanager
+def moto_server(**env: str):
+    """A moto S3 API server on 127.0.0.1 in its own process (`env` added to its environment);
+    yields its URL."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -87,6 +90,24 @@ def s3_endpoint():
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 API server on 127.0.0.1 for the whole session; yields its URL."""
+    with moto_server() as url:
+        yield url
+
+
+def random_boxes(rng, height: int, width: int, n: int) -> np.ndarray:
+    """(n, 4) float x0, y0, x1, y1 inside a height x width image; half of them touch an image
+    border (one side moved onto it), the way model boxes clipped to the image do."""
+    corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1) * [width, height]
+    boxes = np.concatenate([corners[:, 0], corners[:, 1]], axis=1)
+    border = np.array([0, 0, width, height], float)
+    for i, side in enumerate(rng.integers(0, 4, n // 2)):
+        boxes[i, side] = border[side]
+    return boxes
 
 
 @pytest.fixture(scope="session")

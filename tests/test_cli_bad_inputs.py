@@ -19,7 +19,7 @@ import boto3
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, wait_http
+from tests.conftest import free_port, moto_server
 from tests.synthetic_results import write_results
 
 
@@ -98,17 +98,8 @@ ROWS = {
 @pytest.fixture(scope="module")
 def auth_s3():
     """A moto S3 server that checks access keys: moto's test keys are unknown to it."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url)
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

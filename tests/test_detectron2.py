@@ -16,7 +16,7 @@ from batchseg.encoding import encode_instances  # noqa: E402
 from batchseg.imaging import decode_rgb  # noqa: E402
 from batchseg.predictors.base import ModelInput  # noqa: E402
 from batchseg.predictors.detectron2 import Detectron2Backend, build_cfg  # noqa: E402
-from tests.conftest import read_rows, run_job  # noqa: E402
+from tests.conftest import random_boxes, read_rows, run_job  # noqa: E402
 
 ZOO = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 IMAGES = ["street/scene_a.png", "park/scene_c.bmp", "odd/rotated_exif6.png", "odd/wide_strip.png"]
@@ -123,11 +123,7 @@ def test_paste_over_boxes_equals_detectron2s_full_paste_in_any_chunking(samples,
     inst = backend.instances([_one_input(samples, cfg, "park/scene_c.bmp")])[0]
     rng = np.random.default_rng(0)
     height, width, n = 37, 53, 300
-    corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1) * [width, height]
-    boxes = np.concatenate([corners[:, 0], corners[:, 1]], axis=1)
-    border = np.array([0, 0, width, height], float)
-    for i, side in enumerate(rng.integers(0, 4, n // 2)):
-        boxes[i, side] = border[side]
+    boxes = random_boxes(rng, height, width, n)
     boxes[:4] = [[0, 0, width, height], [0.3, 0.2, 0.9, 0.8], [width - 0.6, height - 0.7, width, height], [5, 5, 5.01, 30]]
     cases = [
         (inst.roi_masks, inst.pred_boxes.tensor, *inst.image_size),

@@ -22,6 +22,7 @@ from batchseg.encoding import decode_iuv, decode_panoptic, encode_densepose, enc
 from batchseg.imaging import decode_rgb  # noqa: E402
 from batchseg.predictors.base import ModelInput  # noqa: E402
 from batchseg.predictors.detectron2 import BACKENDS, build_cfg  # noqa: E402
+from tests.conftest import random_boxes  # noqa: E402
 
 IMAGES = ["street/scene_a.png", "park/scene_c.bmp", "odd/rotated_exif6.png"]
 SMALL = {"min_size": 160, "max_size": 256, "score_threshold": 0.0, "random_init": True}
@@ -152,11 +153,7 @@ def test_densepose_foreground_crops_equal_to_mask_converter_for_boxes_on_every_b
 
     rng = np.random.default_rng(0)
     height, width, n = 41, 57, 60
-    corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1) * [width, height]
-    boxes = np.concatenate([corners[:, 0], corners[:, 1]], axis=1)
-    border = np.array([0, 0, width, height], float)
-    for i, side in enumerate(rng.integers(0, 4, n // 2)):
-        boxes[i, side] = border[side]
+    boxes = random_boxes(rng, height, width, n)
     boxes[:5] = [[0, 0, width, height], [3.5, 4.2, 3.9, 30], [10, 10, 40, 10.7], [0.2, 0.3, 0.9, 0.95],
                  [width - 0.4, height - 0.6, width, height]]
     boxes = Boxes(torch.from_numpy(boxes).float())
