@@ -9,7 +9,6 @@ because rows stream from Parquet in batches and the JSON is written item by item
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
