@@ -138,23 +138,35 @@ class JobConfig(_Strict):
     @classmethod
     def _input_schemes(cls, v: list[str]) -> list[str]:
         for uri in v:
+            if not uri.strip():
+                raise ValueError("an input is empty; give a folder, an image, a .tar shard, a manifest or an s3:// URI")
             _check_scheme(uri)
         return v
 
     @field_validator("output")
     @classmethod
     def _output_scheme(cls, v: str) -> str:
+        if not v.strip() or not v.strip().rstrip("/"):
+            raise ValueError(f"output {v!r} names no folder; give a folder (local or s3://) for annotations/ and runs/")
         _check_scheme(v)
         return v
 
     @model_validator(mode="before")
     @classmethod
     def _fill_default_models(cls, data: Any) -> Any:
-        if isinstance(data, dict):
+        # Shapes that are wrong are left as they are, for pydantic to report in one line.
+        if isinstance(data, dict) and isinstance(data.get("models") or {}, dict):
             models = dict(data.get("models") or {})
-            for task in data.get("tasks") or ["instance"]:
-                default, given = DEFAULT_MODELS.get(task), models.get(task) or {}
-                if default and given.get("backend", default["backend"]) == default["backend"]:
+            unknown = [str(task) for task in models if task not in TASKS]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], TASKS, n=1)
+                raise ValueError(f"models.{unknown[0]}: unknown task; "
+                                 + (f"did you mean {close[0]!r}?" if close else f"supported: {', '.join(TASKS)}"))
+            tasks = data.get("tasks") or ["instance"]
+            for task in tasks if isinstance(tasks, list) else []:
+                default = DEFAULT_MODELS.get(task) if isinstance(task, str) else None
+                given = (models.get(task) or {}) if default else {}
+                if default and isinstance(given, dict) and given.get("backend", default["backend"]) == default["backend"]:
                     models[task] = {**default, **given}
             data = {**data, "models": models}
         return data
@@ -191,13 +203,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"bad override {item!r}; write it as key.path=value")
-    return key.split("."), yaml.safe_load(value)
+    try:
+        return key.split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad value in override {item!r}: {_first_line(str(e))}; quote it as a YAML string") from None
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     if path[:2] == ["models", "*"]:  # a model flag: the one selected task
         tasks = data.get("tasks") or ["instance"]
-        if not isinstance(tasks, list) or len(tasks) != 1:
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise ConfigError(f"tasks must be a list of task names ({', '.join(TASKS)}); got {tasks!r}")
+        if len(tasks) != 1:
             raise ConfigError(
                 f"a model flag ({path[2]}) needs exactly one task; with several tasks use "
                 f"--set models.TASK.{path[2]}=VALUE"
@@ -226,6 +243,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[tuple[list[str],
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
         try:
             data = yaml.safe_load(text) or {}
             marks = _key_marks(yaml.compose(text))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -36,6 +37,8 @@ from batchseg.encoding import decode_panoptic
 from batchseg.results import Results
 from batchseg.sources import image_path
 
+log = logging.getLogger(__name__)
+
 COCO_STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 KEYPOINT_STATS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
 
@@ -44,21 +47,49 @@ def match_images(rows: Iterable[dict[str, Any]], gt_images: list[dict[str, Any]]
     """(our image_id -> GT image id for the matched rows, rows seen): by id first, else by the
     longest file-name suffix. `rows` need `image_id` and `image_uri`."""
     by_id = {img["id"] for img in gt_images}
-    by_name = {img["file_name"].lstrip("./"): img["id"] for img in gt_images}
+    by_name = {img["file_name"].lstrip("./"): img["id"] for img in gt_images if img.get("file_name")}
     matched: dict[int, int] = {}
-    seen = 0
+    taken: set[int] = set()
+    seen = twice = 0
     for row in rows:
         seen += 1
-        if row["image_id"] in by_id:
-            matched[row["image_id"]] = row["image_id"]
-            continue
-        parts = image_path(row["image_uri"]).split("://", 1)[-1].split("/")
-        for i in range(len(parts)):
-            name = "/".join(parts[i:])
-            if name in by_name:
-                matched[row["image_id"]] = by_name[name]
-                break
+        gt_id = row["image_id"] if row["image_id"] in by_id else None
+        if gt_id is None:
+            parts = image_path(row["image_uri"]).split("://", 1)[-1].split("/")
+            gt_id = next((by_name[n] for n in ("/".join(parts[i:]) for i in range(len(parts))) if n in by_name), None)
+        if gt_id in taken:
+            twice += 1
+        elif gt_id is not None:  # a GT image is scored once, against the first match
+            matched[row["image_id"]] = gt_id
+            taken.add(gt_id)
+    if twice:
+        log.warning("%d images match a ground-truth image another image matched already; each GT image is "
+                    "scored against its first match only (inputs that overlap, or the same file names in two folders)", twice)
     return matched, seen
+
+
+def check_ground_truth(gt: Any, gt_path: str) -> None:
+    """Raise ConfigError (one line) unless `gt` has the COCO shape evaluate relies on."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{gt_path} is not a COCO ground truth: {what}")
+
+    if not isinstance(gt, dict):
+        raise bad(f"expected an object with images, annotations and categories, found a JSON {type(gt).__name__}")
+    images, anns, cats = gt.get("images"), gt.get("annotations", []), gt.get("categories")
+    if not images:
+        raise ConfigError(f"{gt_path} holds no images; expected a COCO ground-truth JSON")
+    if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("id"), int) for i in images):
+        raise bad("images must be a list of objects, each with an integer id (and a file_name)")
+    if not isinstance(cats, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in cats):
+        raise bad("categories must be a list of objects, each with an integer id")
+    if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
+        raise bad("annotations must be a list of objects")
+    panoptic = bool(anns) and "segments_info" in anns[0]
+    needed = ("image_id", "file_name", "segments_info") if panoptic else ("image_id", "category_id", "bbox")
+    for i, ann in enumerate(anns):
+        missing = [k for k in needed if k not in ann]
+        if missing:
+            raise bad(f"annotations[{i}] has no {missing[0]}")
 
 
 def evaluate(results: Results, gt_path: str, gt_panoptic_dir: str | None = None,
@@ -67,11 +98,10 @@ def evaluate(results: Results, gt_path: str, gt_panoptic_dir: str | None = None,
     opts = storage_options or {}
     with fsspec.open(gt_path, "r", **opts) as f:
         gt = json.load(f)
-    if not isinstance(gt, dict):
-        raise ConfigError(f"{gt_path} is not a COCO ground truth: expected an object with images, annotations "
-                          f"and categories, found a JSON {type(gt).__name__}")
-    if not gt.get("images"):
-        raise ConfigError(f"{gt_path} holds no images; expected a COCO ground-truth JSON")
+    check_ground_truth(gt, gt_path)
+    anns = gt.get("annotations") or []
+    if not anns:
+        raise ConfigError(f"{gt_path} holds no annotations: nothing to score against")
     ok = (r for r in results.rows(["image_uri", "error"]) if r["error"] is None)
     matched, annotated = match_images(ok, gt["images"])
     if not matched:
@@ -80,20 +110,17 @@ def evaluate(results: Results, gt_path: str, gt_panoptic_dir: str | None = None,
             "compare its image ids or file_names with the image URIs"
         )
     metrics: dict[str, Any] = {"images": {"results": annotated, "ground_truth": len(gt["images"]), "matched": len(matched)}}
-    anns = gt.get("annotations") or []
-    if anns and "segments_info" in anns[0]:
+    if "segments_info" in anns[0]:
         folder = gt_panoptic_dir or os.path.splitext(gt_path)[0]
         metrics["panoptic"] = panoptic_quality(results, matched, gt, folder, opts)
         return metrics
-    if any("keypoints" in c for c in gt.get("categories", [])):  # a person_keypoints ground truth
+    if any("keypoints" in c for c in gt["categories"]):  # a person_keypoints ground truth
         column, iou_types = "keypoints", ["keypoints"]
     else:
         column, iou_types = "instances", ["bbox"] + (["segm"] if any("segmentation" in a for a in anns) else [])
-    if not anns:
-        return metrics
     detections, present = _detections(results, matched, column)
     if not present:
-        return metrics
+        raise _no_results_for(column, gt_path)
     for iou_type in iou_types:
         metrics[iou_type] = _cocoeval(gt, _for_iou_type(detections, iou_type), iou_type, sorted(set(matched.values())))
     return metrics
@@ -162,8 +189,6 @@ def panoptic_quality(results: Results, matched: dict[int, int], gt: dict[str, An
             gt_id = matched.get(row["image_id"])
             if gt_id is None or gt_id not in gt_anns or row["error"] is not None or row.get("panoptic") is None:
                 continue
-            if gt_id in scored:
-                continue  # two of our images matched one GT image: the first one counts
             scored.add(gt_id)
             for seg in row["panoptic"]:
                 if seg["category_id"] not in known:
@@ -181,7 +206,7 @@ def panoptic_quality(results: Results, matched: dict[int, int], gt: dict[str, An
         subset = {**gt, "images": [i for i in gt["images"] if i["id"] in scored],
                   "annotations": [gt_anns[i] for i in sorted(scored)]}
         if not predictions:
-            return {name: {"PQ": None, "SQ": None, "RQ": None, "categories": 0} for name in ("All", "Things", "Stuff")}
+            raise _no_results_for("panoptic", "the panoptic ground truth")
         try:
             ev = PanopticEval(subset, {"annotations": predictions}, gt_folder=gt_root if local_gt else copy_dir,
                               pred_folder=pred_dir)
@@ -191,6 +216,12 @@ def panoptic_quality(results: Results, matched: dict[int, int], gt: dict[str, An
             raise ConfigError(f"panoptic evaluation against {gt_dir}: {e}") from None
         res = ev.results()
     return {name: _percent(res[name]) for name in ("All", "Things", "Stuff")}
+
+
+def _no_results_for(column: str, gt: str) -> ConfigError:
+    task = {"instances": "instance", "keypoints": "keypoint"}.get(column, column)
+    return ConfigError(f"no matched image has {column} results to score against {gt}; "
+                       f"evaluate a run made with --tasks {task}")
 
 
 def _percent(values: dict[str, Any]) -> dict[str, Any]:

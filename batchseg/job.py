@@ -147,6 +147,11 @@ def _check_output(job: JobConfig) -> None:
         raise ConfigError(f"output {shown} is not reachable: {storage_error(e) or one_line(e)}") from None
     if is_file:
         raise ConfigError(f"output {shown} is a file; give a folder (it gets annotations/ and runs/)")
+    parent, _, name = path.rpartition("/")
+    if name == ANNOTATIONS or name.startswith("run=") or name in (LEDGER, RUNS):
+        if fs.exists(f"{parent}/{RUNS}") or fs.exists(f"{parent}/{LEDGER}") or fs.exists(f"{parent}/run.json"):
+            raise ConfigError(f"output {shown} is inside an earlier run's output; give that output folder "
+                              f"({provenance.redact(job.output.rstrip('/').rsplit('/', 1)[0])}) instead")
 
 
 def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:

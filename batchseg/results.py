@@ -22,9 +22,11 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from batchseg.config import ConfigError
-from batchseg.schema import ANNOTATIONS, RUNS
+from batchseg.errors import one_line
+from batchseg.schema import ANNOTATIONS, LEDGER, RUNS
 
 log = logging.getLogger(__name__)
+REQUIRED = ("image_id", "image_uri", "error")  # the columns every batchseg row has
 READ_BLOCK = 8 * 2**20  # bytes per ranged read: enough for a row group's columns, not a whole file
 
 
@@ -70,7 +72,12 @@ class Results:
 
     @property
     def categories(self) -> dict[str, Any]:
-        return self.run.get("categories", {})
+        """Per task, the category table the run used. Raises ConfigError without a run report:
+        ids alone would make exports with no or unnamed categories."""
+        if "categories" not in self.run:
+            raise ConfigError(f"no run report next to {self.uri} (run.json or runs/RUN_ID.json) to name its "
+                              "categories; give the run's output folder, as batchseg run wrote it")
+        return self.run["categories"]
 
     def rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[dict[str, Any]]:
         """Every image once, with its newest row: `image_id`, `run` (the run id) and `columns`
@@ -105,6 +112,10 @@ class Results:
             log.warning("skipping %s: not a readable Parquet file (%s)", self.fs.unstrip_protocol(path), e)
             return
         with f:
+            missing = set(columns or REQUIRED) - set(reader.schema_arrow.names)
+            if missing:
+                log.warning("skipping %s: not batchseg's (no %s column)", self.fs.unstrip_protocol(path), sorted(missing)[0])
+                return
             yield from reader.iter_batches(batch_size=batch_size, columns=columns)
 
     def _runs_newest_first(self) -> list[tuple[str, list[str]]]:
@@ -121,20 +132,53 @@ def run_of(path: str) -> str:
 
 
 def parquet_files(fs, folder: str) -> list[str]:
-    """Finished Parquet files under `folder`, sorted (files still being written end otherwise)."""
-    return sorted(p for p in (fs.find(folder) if fs.isdir(folder) else []) if p.endswith(".parquet"))
+    """Finished Parquet files under `folder`, sorted (files still being written end otherwise),
+    less the run ledgers and reports an output folder also holds."""
+    skip = (f"/{LEDGER}/", f"/{RUNS}/")
+    return sorted(p for p in (fs.find(folder) if fs.isdir(folder) else [])
+                  if p.endswith(".parquet") and not any(s in f"/{p}" for s in skip))
 
 
 def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Results:
-    """Raise ConfigError (one line) when `uri` holds no batchseg dataset."""
+    """RESULTS as the CLI takes it: an output folder, its annotations/ folder, or one run's
+    annotations/run=RUN_ID/ partition (that run only). Raise ConfigError (one line) when `uri`
+    holds no batchseg dataset."""
     fs, path = url_to_fs(uri.rstrip("/"), **(storage_options or {}))
-    for folder in (f"{path}/{ANNOTATIONS}", path):
-        files = parquet_files(fs, folder)
-        if files:
-            break
-    else:
+    name = path.rsplit("/", 1)[-1]
+    given_output = name != ANNOTATIONS and not run_of(name) and fs.isdir(f"{path}/{ANNOTATIONS}")
+    folder = f"{path}/{ANNOTATIONS}" if given_output else path
+    files = parquet_files(fs, folder)
+    if not files:
         raise ConfigError(f"no batchseg dataset at {uri}: expected Parquet files in {uri}/{ANNOTATIONS}/")
-    root = folder.rsplit("/", 1)[0] if folder.endswith(f"/{ANNOTATIONS}") else path
-    run_json = f"{root}/run.json"
-    run = json.loads(fs.cat(run_json)) if fs.exists(run_json) else {}
-    return Results(uri=fs.unstrip_protocol(folder), fs=fs, files=files, run=run, root=root)
+    with fs.open(files[0], "rb") as f:
+        try:
+            names = set(pq.ParquetFile(f).schema_arrow.names)
+        except (OSError, pa.ArrowException):
+            names = set(REQUIRED)  # torn: _batches skips it with a warning
+    if not set(REQUIRED) <= names:
+        raise ConfigError(f"{uri} is not a batchseg dataset: {fs.unstrip_protocol(files[0])} has no "
+                          f"{sorted(set(REQUIRED) - names)[0]} column; give a folder batchseg run wrote")
+    partition = run_of(folder.rsplit("/", 1)[-1])
+    annotations = folder.rsplit("/", 1)[0] if partition else folder
+    root = annotations.rsplit("/", 1)[0] if annotations.rsplit("/", 1)[-1] == ANNOTATIONS else annotations
+    return Results(uri=fs.unstrip_protocol(folder), fs=fs, files=files, run=_report(fs, root, partition), root=root)
+
+
+def _report(fs, root: str, run_id: str = "") -> dict[str, Any]:
+    """A run's report: runs/RUN_ID.json for one run, else run.json (the latest), else the newest
+    readable runs/*.json; {} if none. An unreadable report is skipped with a warning."""
+    if run_id:
+        paths = [f"{root}/{RUNS}/{run_id}.json"]
+    else:
+        paths = [f"{root}/run.json", *sorted(fs.glob(f"{root}/{RUNS}/*.json"), reverse=True)]
+    for path in paths:
+        try:
+            report = json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            continue
+        except (ValueError, OSError) as e:
+            log.warning("skipping %s: not a readable run report (%s)", fs.unstrip_protocol(path), one_line(e))
+            continue
+        if isinstance(report, dict):
+            return report
+    return {}

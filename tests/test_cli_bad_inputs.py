@@ -9,6 +9,7 @@ credentials" rows talk to a second moto server that checks keys (INITIAL_NO_AUTH
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -92,6 +95,21 @@ ROWS = {
                                "--tasks-per-file must be at least 1"),
     "not a number": Bad(["render", "{results}", "{out}", "--limit", "many"], "invalid int value: 'many'", usage=True),
     "render --limit 0": Bad(["render", "{results}", "{out}", "--limit", "0"], "--limit must be at least 1"),
+    # --- found by a second look: shapes and places no check covered ---------------------------
+    "empty --output": Bad(["run", "--input", "{images}", "--output", "", *TV], "names no folder"),
+    "empty --input": Bad(["run", "--input", "", "--output", "{out}", *TV], "an input is empty"),
+    "output inside an earlier run's output": Bad(["run", "--input", "{images}", "--output", "{results}/annotations", *TV],
+                                                 "inside an earlier run's output; give that output folder"),
+    "--set value that is not YAML": Bad([*RUN, *TV, "--set", "batch_size=[1"], "quote it as a YAML string"),
+    "--set a model of an unknown task": Bad([*RUN, *TV, "--set", "models.instnace.score_threshold=0.9"],
+                                            "models.instnace: unknown task; did you mean 'instance'?"),
+    "--set tasks to a nested list": Bad([*RUN, "--set", "tasks=[[a]]"], "tasks.0: Input should be a valid string"),
+    "--set a model to a number": Bad([*RUN, "--set", "models.instance=5"], "models.instance: Input should be a valid"),
+    "config file not UTF-8": Bad(["run", "--config", "{latin1_yaml}"], "is not UTF-8 text"),
+    "RESULTS holds another tool's Parquet": Bad(["export", "coco", "{foreign}", "{out}"], "is not a batchseg dataset"),
+    "eval --gt annotation without bbox": Bad(["eval", "{results}", "--gt", "{gt_no_bbox}"], "annotations[0] has no bbox"),
+    "eval --gt images without ids": Bad(["eval", "{results}", "--gt", "{gt_no_ids}"], "each with an integer id"),
+    "eval --gt without annotations": Bad(["eval", "{results}", "--gt", "{gt_no_anns}"], "holds no annotations"),
 }
 
 
@@ -137,11 +155,23 @@ def places(tmp_path_factory, lake, auth_s3, tv_weights) -> dict[str, str]:
     (tmp / "list.json").write_text("[]")
     (tmp / "garbage.pth").write_bytes(b"this is not a checkpoint" * 100)
     (tmp / "short_labels.yaml").write_text("1: {id: 1, name: person}\n2: {id: 3, name: car}\n")
+    (tmp / "latin1.yaml").write_bytes("inputs: [caf\u00e9]\n".encode("latin-1"))
+    (tmp / "foreign").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "label": ["a", "b"]}), tmp / "foreign" / "part-0.parquet")
+    image = {"id": 1, "file_name": "people/p000000.jpg", "width": 80, "height": 60}
+    gts = {"gt_no_bbox": {"images": [image], "categories": [{"id": 1, "name": "person"}],
+                          "annotations": [{"id": 1, "image_id": 1, "category_id": 1}]},
+           "gt_no_ids": {"images": [{"file_name": "a.jpg"}], "categories": [], "annotations": []},
+           "gt_no_anns": {"images": [image], "categories": [{"id": 1, "name": "person"}], "annotations": []}}
+    for name, gt in gts.items():
+        (tmp / f"{name}.json").write_text(json.dumps(gt))
     return {
         "tmp": str(tmp), "images": str(tmp / "images"), "empty": str(tmp / "empty"),
         "a_file": str(tmp / "a_file"), "bad_yaml": str(tmp / "bad.yaml"), "typo_yaml": str(tmp / "typo.yaml"),
         "list_json": str(tmp / "list.json"), "garbage_weights": str(tmp / "garbage.pth"),
         "short_label_map": str(tmp / "short_labels.yaml"), "tv_weights": str(tv_weights),
+        "latin1_yaml": str(tmp / "latin1.yaml"), "foreign": str(tmp / "foreign"),
+        **{name: str(tmp / f"{name}.json") for name in gts},
         "results": str(write_results(tmp / "results")), "s3": lake, "auth_s3": auth_s3, "dead_port": str(free_port()),
     }
 

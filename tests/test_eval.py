@@ -15,7 +15,7 @@ from PIL import Image
 
 from batchseg.config import ConfigError
 from batchseg.encoding import encode_mask
-from batchseg.evaluate import evaluate
+from batchseg.evaluate import evaluate, match_images
 from batchseg.results import open_results
 from batchseg.schema import ANNOTATIONS, ROW, image_id
 
@@ -123,3 +123,13 @@ def test_eval_memory_is_flat_in_the_rows_that_match_nothing(tmp_path):
         assert metrics["images"] == {"results": n + 1, "ground_truth": 1, "matched": 1}
         peaks.append(peak)
     assert peaks[1] < 1.5 * peaks[0], peaks  # ten times the rows; a list of them would be ~10x
+
+
+def test_a_ground_truth_image_is_matched_once(caplog):
+    """Two folders holding the same file names (or overlapping inputs): each GT image is scored
+    against its first match only; the rest would count as false positives."""
+    rows = [{"image_id": 11, "image_uri": "file:///a/street/x.jpg"}, {"image_id": 12, "image_uri": "file:///b/street/x.jpg"},
+            {"image_id": 13, "image_uri": "file:///b/street/y.jpg"}]
+    matched, seen = match_images(rows, [{"id": 1, "file_name": "street/x.jpg"}, {"id": 2, "file_name": "street/y.jpg"}])
+    assert matched == {11: 1, 13: 2} and seen == 3
+    assert "1 images match a ground-truth image another image matched already" in caplog.text

@@ -222,6 +222,7 @@ def test_review_piped_into_head_stops_quietly(tmp_path):
     rows = 30_000
     pq.write_table(pa.table({"image_id": np.arange(rows, dtype=np.int64),
                              "image_uri": [f"s3://lake/{i}.jpg" for i in range(rows)],
+                             "error": pa.nulls(rows, pa.string()),
                              "review_priority": np.linspace(0, 1, rows)}), part / "part-00000.parquet")
     proc = subprocess.Popen([sys.executable, "-m", "batchseg", "review", str(tmp_path / "res"), "--top", str(rows)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

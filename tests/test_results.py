@@ -1,9 +1,13 @@
 """Readers: newest row per image across runs, duplicates inside a run removed, torn files skipped."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from batchseg.config import ConfigError
 from batchseg.results import SeenIds, open_results
 from batchseg.schema import ROW, image_id
 
@@ -46,3 +50,41 @@ def test_a_torn_file_is_skipped_not_fatal(tmp_path, caplog):
     (tmp_path / "annotations/run=r1/part-00001.parquet").write_bytes(b"PAR1 torn")
     assert [r["image_uri"] for r in open_results(str(tmp_path)).rows(["image_uri"])] == ["s3://l/a.jpg"]
     assert "not a readable Parquet file" in caplog.text
+
+
+def _report(root, run, categories):
+    (root / "runs").mkdir(exist_ok=True)
+    (root / "runs" / f"{run}.json").write_text(json.dumps({"run_id": run, "categories": categories}))
+
+
+def test_results_can_be_one_run_partition_with_that_runs_report(tmp_path):
+    _write(tmp_path, "20260101T000000Z-a", "part-00000.parquet", _rows(["s3://l/a.jpg"], 1))
+    _write(tmp_path, "20260102T000000Z-b", "part-00000.parquet", _rows(["s3://l/a.jpg", "s3://l/b.jpg"], 2))
+    _report(tmp_path, "20260101T000000Z-a", {"instance": {"things": [{"id": 1, "name": "old"}]}})
+    results = open_results(str(tmp_path / "annotations" / "run=20260101T000000Z-a"))
+    assert [(r["image_uri"], r["width"]) for r in results.rows(["image_uri", "width"])] == [("s3://l/a.jpg", 1)]
+    assert results.categories == {"instance": {"things": [{"id": 1, "name": "old"}]}}
+
+
+def test_a_damaged_run_json_falls_back_to_the_newest_report(tmp_path, caplog):
+    _write(tmp_path, "20260101T000000Z-a", "part-00000.parquet", _rows(["s3://l/a.jpg"], 1))
+    _report(tmp_path, "20260101T000000Z-a", {"instance": {"things": []}})
+    (tmp_path / "run.json").write_text('{"trunc')
+    assert open_results(str(tmp_path)).categories == {"instance": {"things": []}}
+    assert "not a readable run report" in caplog.text
+
+
+def test_ledgers_and_other_tools_parquet_are_not_results(tmp_path):
+    _write(tmp_path, "r1", "part-00000.parquet", _rows(["s3://l/a.jpg"], 1))
+    ledger = tmp_path / "_ledger" / "run=r1"
+    ledger.mkdir(parents=True)
+    pq.write_table(pa.table({"key": [1], "status": pa.array([0], pa.int8())}), ledger / "part-00000.parquet")
+    with pytest.raises(ConfigError, match="no batchseg dataset"):
+        open_results(str(tmp_path / "_ledger"))
+    with pytest.raises(ConfigError, match="no run report next to"):  # rows, but no report naming categories
+        open_results(str(tmp_path)).categories
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pq.write_table(pa.table({"id": [1]}), foreign / "x.parquet")
+    with pytest.raises(ConfigError, match="is not a batchseg dataset: .* has no error column"):
+        open_results(str(foreign))
