@@ -29,12 +29,12 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_FAILURE_BUDGET, EXIT_LOCKED = 0, 1, 2
 
 EXIT_CODES = """exit codes:
   0  done
-  1  failed while working (the traceback says where)
+  1  failed while working (the message, or a traceback, says where)
   2  bad flag, config or input: one line on stderr names the fix; nothing was started
 """
 RUN_EXIT_CODES = EXIT_CODES + """\
   3  the run finished, but more images failed than max_failed_fraction allows
-     (OUTPUT/runs/RUN_ID.failed.jsonl lists them)
+     (OUTPUT/runs/RUN_ID.failed/part-*.jsonl list them)
   4  another run is writing to the same output (it holds OUTPUT/_lease.json)
 """
 
@@ -455,13 +455,14 @@ def eval_command(args: argparse.Namespace) -> int:
     storage = _storage(args)
     results = _open_results(args)
     _require_file("--gt", args.gt, storage)
+    out = args.out or f"{args.results.rstrip('/')}/eval.json"
+    _require_writable_file("--out", out, storage)
     with _reaching(f"--gt {args.gt}"):
         try:
             metrics = evaluate(results, args.gt, args.gt_panoptic_dir, storage.options(args.gt))
         except json.JSONDecodeError as e:
             raise ConfigError(f"--gt {args.gt} is not JSON ({e}); give a COCO ground-truth JSON") from None
     print(format_table(metrics))
-    out = args.out or f"{args.results.rstrip('/')}/eval.json"
     with _reaching(f"--out {out}"):
         write_json(out, metrics, storage.options(out))
     print(f"batchseg: metrics written to {out}")
@@ -476,6 +477,22 @@ def _require_file(flag: str, uri: str, storage: StorageConfig) -> None:
         if not fs.isfile(path):
             kind = "a folder" if fs.isdir(path) else "not found"
             raise ConfigError(f"{flag} {uri}: {kind}; give the path of a file")
+
+
+def _require_writable_file(flag: str, uri: str, storage: StorageConfig) -> None:
+    """Fail before any work when `uri` cannot become a file: a folder there, or a file where a
+    folder of its path should be."""
+    from fsspec.core import url_to_fs
+
+    with _reaching(f"{flag} {uri}"):
+        fs, path = url_to_fs(uri, **storage.options(uri))
+        if fs.isdir(path):
+            raise ConfigError(f"{flag} {uri}: a folder; give the path of a file, such as {uri.rstrip('/')}/eval.json")
+        parent = path.rsplit("/", 1)[0]
+        while parent and parent != path and not fs.exists(parent):
+            path, parent = parent, parent.rsplit("/", 1)[0]
+        if parent and fs.isfile(parent):
+            raise ConfigError(f"{flag} {uri}: {parent} is a file, not a folder; give another path")
 
 
 # ------------------------------------------------------------------------------ render, review

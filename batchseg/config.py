@@ -141,7 +141,7 @@ class JobConfig(_Strict):
             if not uri.strip():
                 raise ValueError("an input is empty; give a folder, an image, a .tar shard, a manifest or an s3:// URI")
             _check_scheme(uri)
-        return v
+        return [_lower_scheme(uri) for uri in v]
 
     @field_validator("output")
     @classmethod
@@ -149,7 +149,7 @@ class JobConfig(_Strict):
         if not v.strip() or not v.strip().rstrip("/"):
             raise ValueError(f"output {v!r} names no folder; give a folder (local or s3://) for annotations/ and runs/")
         _check_scheme(v)
-        return v
+        return _lower_scheme(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -188,6 +188,12 @@ class JobConfig(_Strict):
 def _scheme(uri: str) -> str:
     head, sep, _ = uri.partition("://")
     return head.lower() if sep else ""
+
+
+def _lower_scheme(uri: str) -> str:
+    """`S3://b/k` -> `s3://b/k`: fsspec knows protocols in lower case only."""
+    head, sep, rest = uri.partition("://")
+    return f"{head.lower()}{sep}{rest}" if sep else uri
 
 
 def _check_scheme(uri: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 
 from batchseg import stages
 from batchseg.config import JobConfig
@@ -81,7 +81,7 @@ def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, We
     ds = ds.repartition(target_num_rows_per_block=job.read_rows_per_block)
     ds = ds.map_batches(  # I/O bound: asks for no CPU, but at most two reads in flight per core
         stages.read_batch, fn_kwargs={"storage": job.s3, "done": done, "rows_per_batch": job.read_rows_per_block},
-        batch_size=None, num_cpus=0, concurrency=2 * cluster_cpus(),
+        batch_size=None, num_cpus=0, compute=TaskPoolStrategy(size=2 * cluster_cpus()),
     )
     on_cpu = where.device == "cpu"
     if not on_cpu:  # decode in CPU tasks beside the GPU actors; on CPU the actor decodes what it predicts

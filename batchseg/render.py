@@ -31,7 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from batchseg.config import StorageConfig
 from batchseg.encoding import decode_iuv, decode_mask
-from batchseg.imaging import decode_rgb
+from batchseg.errors import one_line
+from batchseg.imaging import DecodeError, decode_rgb
 from batchseg.results import Results, run_of
 from batchseg.sources import split_member
 from batchseg.tasks import TASK_TABLE
@@ -63,18 +64,30 @@ def render(results: Results, dest: str, limit: int = 100, storage: StorageConfig
     skeleton = results.categories.get("keypoint", {}).get("skeleton", [])
     columns = ["image_uri", "width", "height", "error", *COLUMNS]
     rows = _review_rows(results, limit, columns) if review else itertools.islice(results.rows(columns), limit)
-    cells = []
+    cells, unreadable = [], 0
     for row in rows:
-        cells.append((row, [] if row["error"] is not None else _panels(row, dest, storage, names, skeleton, labels)))
+        if row["error"] is not None:
+            cells.append((row, []))
+            continue
+        try:
+            rgb = _load(row["image_uri"], storage)
+        except (OSError, DecodeError) as e:  # moved, deleted or changed since the run: one cell, not the page
+            unreadable += 1
+            cells.append(({**row, "error": f"not rendered: the source image cannot be read now ({one_line(e)})"}, []))
+            continue
+        cells.append((row, _panels(row, rgb, dest, storage, names, skeleton, labels)))
+    if unreadable:
+        log.warning("%d of %d images not rendered: their source images cannot be read now (see index.html)",
+                    unreadable, len(cells))
     with fsspec.open(f"{dest.rstrip('/')}/index.html", "w", **storage.options(dest)) as f:
         f.write(_index(cells, results))
     return len(cells)
 
 
-def _panels(row: dict[str, Any], dest: str, storage: StorageConfig, names: dict[int, str], skeleton: list,
-            labels: int) -> list[tuple[str, str, str]]:
-    """Draw and write one JPEG per task column of the row; returns (column, file, caption)."""
-    rgb = _load(row["image_uri"], storage)
+def _panels(row: dict[str, Any], rgb: np.ndarray, dest: str, storage: StorageConfig, names: dict[int, str],
+            skeleton: list, labels: int) -> list[tuple[str, str, str]]:
+    """Draw and write one JPEG per task column of the row over `rgb`, its (h, w, 3) uint8
+    source image; returns (column, file, caption)."""
     panels = []
     for column in COLUMNS:
         if row.get(column) is None:

@@ -202,7 +202,8 @@ def test_render_writes_overlays_and_an_index(oracle_results, samples, tmp_path):
 ])
 def test_export_and_eval_errors(args, message, people, tmp_path):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "nomatch.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "zzz.jpg"}], "annotations": [], "categories": []}))
+    (tmp_path / "nomatch.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "zzz.jpg"}], "categories": [{"id": 1, "name": "person"}],
+                                                           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}))
     paths = {"empty": tmp_path / "empty", "out": tmp_path / "out", "results": people.uri, "nomatch": tmp_path / "nomatch.json"}
     cmd = [sys.executable, "-m", "batchseg", *[a.format(**{k: str(v) for k, v in paths.items()}) for a in args]]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -49,6 +49,15 @@ def test_model_version_can_be_given(hand, tmp_path):
     assert {t["predictions"][0]["model_version"] for t in tasks} == {"mask-rcnn-2026-11"}
 
 
+def test_exporting_again_into_the_same_folder_leaves_no_stale_task_files(hand, tmp_path):
+    """Importing DEST/tasks-*.json after a second export must not bring the first one's tasks."""
+    export_labelstudio(hand, str(tmp_path), tasks_per_file=1)
+    assert len(list(tmp_path.glob("tasks-*.json"))) == 4
+    export_labelstudio(hand, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("tasks-*.json")) == ["tasks-00000.json"]
+    assert len(json.loads((tmp_path / "tasks-00000.json").read_text())) == 4
+
+
 def test_worst_first_orders_by_priority_unknown_last_ties_in_input_order(tmp_path):
     priorities = [0.2, None, 0.9, 0.5, None, 0.9, 0.0]
     rows = ({"image_id": i, "review_priority": p, "payload": "x" * i} for i, p in enumerate(priorities))

@@ -117,6 +117,16 @@ def test_crowded_image_draws_the_top_k_and_counts_the_rest(tmp_path):
     assert strip.mean() < 100 and strip.max() > 200
 
 
+def test_a_source_image_gone_or_changed_since_the_run_is_one_cell_not_the_page(tmp_path):
+    folder = crowded_folder(tmp_path / "res")
+    (folder / "crowd.png").unlink()
+    (folder / "plain.png").write_bytes(b"no longer an image")
+    result = cli("render", str(folder), str(tmp_path / "out"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert index.count("not rendered: the source image cannot be read now") == 2
+
+
 # --- review queue ---------------------------------------------------------------------------
 
 @pytest.fixture()

@@ -30,13 +30,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-import fsspec
 import numpy as np
+from fsspec.core import url_to_fs
 from label_studio_sdk.converter.brush import mask2rle
 
 from batchseg.encoding import decode_mask
 from batchseg.provenance import model_version as provenance_label
 from batchseg.results import Results
+from batchseg.storage import write_text
 
 COLUMNS = ["image_uri", "width", "height", "error", "review_priority", "instances", "panoptic", "keypoints"]
 
@@ -142,16 +143,18 @@ def export_labelstudio(results: Results, dest: str, storage_options: dict[str, A
             chunk = []
     if chunk or not written:
         written.update(_flush(dest, len(written), chunk, opts))
-    with fsspec.open(f"{dest.rstrip('/')}/labeling_config.xml", "w", **opts) as f:
-        f.write(labeling_config(results.categories))
+    write_text(f"{dest.rstrip('/')}/labeling_config.xml", labeling_config(results.categories), opts)
+    fs, folder = url_to_fs(dest.rstrip("/"), **opts)
+    for stale in fs.glob(f"{folder}/tasks-*.json"):  # an earlier, larger export's files: importing them would double tasks
+        if stale.rsplit("/", 1)[-1] not in written:
+            fs.rm(stale)
     written["labeling_config.xml"] = 1
     return {"files": written, **make.stats.as_dict()}
 
 
 def _flush(dest: str, index: int, tasks: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, int]:
     name = f"tasks-{index:05d}.json"
-    with fsspec.open(f"{dest.rstrip('/')}/{name}", "w", **opts) as f:
-        json.dump(tasks, f)
+    write_text(f"{dest.rstrip('/')}/{name}", json.dumps(tasks), opts)
     return {name: len(tasks)}
 
 
