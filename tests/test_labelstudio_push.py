@@ -3,6 +3,7 @@ the pipeline's output goes in, the tasks come back through the API and are check
 the Parquet rows; pushing again adds nothing; a newer run replaces predictions; transient
 failures (and a response lost after the server committed) are retried without duplicates."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from batchseg.exports.labelstudio_push import PushSettings, push_labelstudio
 from batchseg.provenance import model_version
 from batchseg.results import open_results
 from tests.annotated_rows import write_results as write_hand_rows
-from tests.conftest import free_port, run_job
+from tests.conftest import free_port, run_job, wait_http
 from tests.faulty_proxy import FaultyProxy
 from tests.labelstudio_server import label_studio  # noqa: F401  (a fixture)
 
@@ -168,6 +169,7 @@ def test_retries_are_bounded_and_the_receipt_says_where_it_stopped(output, label
     ("bad key", "refused the API key"),
     ("no server", "cannot reach Label Studio at"),
     ("no project", "no Label Studio project with id 999"),
+    ("not Label Studio", r"does not answer as Label Studio's API \(HTTP 404"),
 ])
 def test_errors_name_the_fix(case, message, output, label_studio, title, tmp_path):
     url, token, project = label_studio.url, label_studio.token, title
@@ -177,10 +179,19 @@ def test_errors_name_the_fix(case, message, output, label_studio, title, tmp_pat
         token = "not-a-token"
     elif case == "no server":
         url = f"http://127.0.0.1:{free_port()}"
-    else:
+    elif case == "no project":
         project = "999"
-    with pytest.raises(ConfigError, match=message) as e:
-        push_labelstudio(open_results(str(output)), url, project, token, receipt=str(tmp_path / "r.json"))
+    with contextlib.ExitStack() as stack:
+        if case == "not Label Studio":  # a plain web server: 404 for /api/projects/
+            port = free_port()
+            server = stack.enter_context(subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            stack.callback(server.terminate)
+            url = f"http://127.0.0.1:{port}"
+            wait_http(url)
+        with pytest.raises(ConfigError, match=message) as e:
+            push_labelstudio(open_results(str(output)), url, project, token, receipt=str(tmp_path / "r.json"))
     assert "\n" not in str(e.value)
 
 

@@ -254,8 +254,14 @@ class Server:
                 raise
             self.title = found.title
             return int(project), False
-        matches = [p for p in self.call("connect", lambda: list(projects.list(title=project, page_size=100)))
-                   if p.title == project]
+        try:
+            listed = self.call("connect", lambda: list(projects.list(title=project, page_size=100)))
+        except PushFailed as e:
+            if e.status in (404, 405):  # every Label Studio answers /api/projects/
+                raise ConfigError(f"{self.url} does not answer as Label Studio's API (HTTP {e.status} on "
+                                  "/api/projects/): check --url") from None
+            raise
+        matches = [p for p in listed if p.title == project]
         if len(matches) > 1:
             raise ConfigError(f"{len(matches)} Label Studio projects are titled {project!r}: pass --project ID "
                               f"(one of {', '.join(str(p.id) for p in matches)})")
