@@ -216,8 +216,12 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     overrides: list[tuple[list[str], Any]] = []
     if args.input:
         overrides.append((["inputs"], args.input))
-    if args.tasks:
-        overrides.append((["tasks"], [t.strip() for t in args.tasks.split(",") if t.strip()]))
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ConfigError(f"--tasks {args.tasks!r} names no task; give a comma-separated list of "
+                              "instance, panoptic, keypoint, densepose")
+        overrides.append((["tasks"], tasks))
     for flag, path in _JOB_FLAGS.items():
         if getattr(args, flag) is not None:
             overrides.append((path, getattr(args, flag)))

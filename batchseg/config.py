@@ -91,6 +91,9 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_or_random(self) -> "ModelConfig":
+        if self.weights and self.random_init:
+            raise ValueError("weights and random_init both set; drop --random-init to load the weights, "
+                             "or --weights for a randomly initialised smoke test")
         if self.backend == "torchvision" and not self.weights and not self.random_init:
             raise ValueError(
                 "no weights given; set weights to a path, s3:// or https:// URL "

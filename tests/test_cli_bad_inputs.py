@@ -110,6 +110,8 @@ ROWS = {
     "eval --gt annotation without bbox": Bad(["eval", "{results}", "--gt", "{gt_no_bbox}"], "annotations[0] has no bbox"),
     "eval --gt images without ids": Bad(["eval", "{results}", "--gt", "{gt_no_ids}"], "each with an integer id"),
     "eval --gt without annotations": Bad(["eval", "{results}", "--gt", "{gt_no_anns}"], "holds no annotations"),
+    "--weights with --random-init": Bad([*RUN, *TV, "--weights", "{tv_weights}"], "weights and random_init both set"),
+    "--tasks names no task": Bad([*RUN, *TV, "--tasks", ","], "names no task"),
     "eval --out is a folder": Bad(["eval", "{results}", "--gt", "{gt_no_anns}", "--out", "{tmp}"],
                                   "a folder; give the path of a file, such as"),
     "eval --out under a file": Bad(["eval", "{results}", "--gt", "{gt_no_anns}", "--out", "{a_file}/m/eval.json"],
