@@ -172,17 +172,21 @@ def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
         started = time.time()
         head = _head(job, run_id, prepared, started)
         write_json(join(job.output, RUNS, f"{run_id}.json"), head, opts)
-        journal = inflight.start_journal()
-        # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the done
-        # keys, the predictor actors load their models meanwhile.
-        done_ref, planned_ref = ledger.plan.remote(job.output, opts, prepared.fingerprints, job.retry_failed)
-        where = pipeline.place(job)
-        log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
-        sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
-                       fence=held.fence())
-        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, prepared.units)
-        pipeline.write(dataset, sink)
-        planned = ray.get(planned_ref)
+        try:
+            journal = inflight.start_journal()
+            # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the
+            # done keys, the predictor actors load their models meanwhile.
+            done_ref, planned_ref = ledger.plan.remote(job.output, opts, prepared.fingerprints, job.retry_failed)
+            where = pipeline.place(job)
+            log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
+            sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
+                           fence=held.fence())
+            dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, prepared.units)
+            pipeline.write(dataset, sink)
+            planned = ray.get(planned_ref)
+        except BaseException as e:
+            _record_end(join(job.output, RUNS, f"{run_id}.json"), head, e, held, opts)
+            raise
         log.info("run %s: %d images done earlier were skipped (ledger of %d runs)", run_id, planned["done"], planned["runs"])
         summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
                                  job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
@@ -191,6 +195,19 @@ def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
         for name in (f"{RUNS}/{run_id}.json", "run.json"):
             write_json(join(job.output, name), summary, opts)
     return summary
+
+
+def _record_end(path: str, head: dict[str, Any], e: BaseException, held: lease.Lease, opts: dict[str, Any]) -> None:
+    """Mark the run's report "interrupted" (Ctrl-C, `ray job stop`, a lost lease) or "failed",
+    so that a report left "running" means only a run that is running or was killed outright.
+    Skipped when the lease is gone: the output is another run's now."""
+    try:
+        held.check()
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        write_json(path, {**head, "status": status, "error": one_line(e) or type(e).__name__,
+                          "ended_at": datetime.now(timezone.utc).isoformat()}, opts)
+    except Exception as why:
+        log.warning("run report %s not updated: %s", path, one_line(why))
 
 
 def new_run_id() -> str:

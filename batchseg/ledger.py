@@ -2,23 +2,26 @@
 
 "Done" means: this image, at this version, by these models (task fingerprints), for these
 tasks. Every write task writes, after its annotations part, a ledger part with one entry per
-row it wrote (transient failures excepted, so they are tried again):
+row it wrote:
 
-    OUTPUT/_ledger/run=RUN_ID/part-NNNNN.parquet   key, status, shard, members
-    OUTPUT/_ledger/base-RUN_ID.parquet             compaction: newest entry per key of all
+    OUTPUT/_ledger/run=RUN_ID/part-NNNNN.parquet   key, image, status, shard, members
+    OUTPUT/_ledger/base-RUN_ID.parquet             compaction: newest entry per image of all
                                                    runs <= RUN_ID, plus their run index
 
-`key` is done_key(URI, version); `shard` is the done key of the tar shard an image came
-from (0 for plain files). `status`: OK, CONTENT (the bytes are not an image: done
-for every model until the version changes or --retry-failed), MODEL (the model failed: done
-for that model), SHARD (a tar shard read to its end; `members` counts its images). The
+`key` is done_key(URI, version) and `image` the image's id (schema.image_id(URI)): only an
+image's newest entry counts, so an image put back to an earlier version is annotated again,
+and a newer failure hides an older success. `shard` is the done key of the tar shard an image
+came from (0 for plain files). `status`: OK, CONTENT (the bytes are not an image: done for
+every model until the version changes or --retry-failed), MODEL (the model failed: done for
+that model), TRANSIENT (throttling, out of memory: never done, tried again next run), SHARD
+(a tar shard read to its end; `members` counts its distinct images). The
 fingerprints of a run's tasks are in its report, OUTPUT/runs/RUN_ID.json (written when the
 run starts), so an entry is done for a new run only if its run's fingerprints cover every
 task of the new run with the same fingerprint. A shard is done when all `members` of its
 member entries are done; otherwise it is read again and only the members not done are
 annotated.
 
-Planning (`done_keys`) reads only ledgers -- ~10 bytes per image, never the annotations --
+Planning (`done_keys`) reads only ledgers -- ~18 bytes per image, never the annotations --
 in one Ray task, not on the driver, and returns the sorted int64 keys that are done for this
 run; listing and read tasks look keys up with np.searchsorted (DoneSet).
 """
@@ -43,10 +46,11 @@ from batchseg.schema import LEDGER, RUNS
 
 log = logging.getLogger(__name__)
 
-OK, CONTENT, MODEL, SHARD = 0, 1, 2, 3
-STATUS_OF_KIND = {None: OK, "content": CONTENT, "model": MODEL}  # "transient" is not recorded
+OK, CONTENT, MODEL, SHARD, TRANSIENT = 0, 1, 2, 3, 4
+STATUS_OF_KIND = {None: OK, "content": CONTENT, "model": MODEL, "transient": TRANSIENT}
 SCHEMA = pa.schema([
     pa.field("key", pa.int64(), nullable=False),
+    pa.field("image", pa.int64(), nullable=False),  # schema.image_id of the image (or shard) URI
     pa.field("status", pa.int8(), nullable=False),
     pa.field("shard", pa.int64(), nullable=False),  # the image's shard key; 0 for plain files
     pa.field("members", pa.int32(), nullable=False),  # SHARD entries: images in the shard; else 0
@@ -96,17 +100,17 @@ def _resolve(ref: Any) -> np.ndarray:
     return _resolved[ref]
 
 
-def entries(keys: np.ndarray, kinds: list[str | None], shards: np.ndarray, members: np.ndarray) -> pa.Table:
-    """A write task's ledger part: one entry per row, less transient failures.
+def entries(keys: np.ndarray, images: np.ndarray, kinds: list[str | None], shards: np.ndarray,
+            members: np.ndarray) -> pa.Table:
+    """A write task's ledger part: one entry per row.
 
-    keys: (n,) int64 done keys.  kinds: error_kind per row (None = success).
-    shards: (n,) int64 shard keys (0 for plain files).  members: (n,) int32, >= 0 for shard
-    markers (the shard's image count), -1 for image rows.
+    keys: (n,) int64 done keys.  images: (n,) int64 image ids.  kinds: error_kind per row
+    (None = success).  shards: (n,) int64 shard keys (0 for plain files).  members: (n,)
+    int32, >= 0 for shard markers (the shard's image count), -1 for image rows.
     """
-    status = np.array([SHARD if m >= 0 else STATUS_OF_KIND.get(k, -1) for k, m in zip(kinds, members)], np.int8)
-    keep = status >= 0
-    return pa.table({"key": keys[keep], "status": status[keep], "shard": shards[keep],
-                     "members": np.maximum(members[keep], 0).astype(np.int32)}, schema=SCHEMA)
+    status = np.array([SHARD if m >= 0 else STATUS_OF_KIND[k] for k, m in zip(kinds, members)], np.int8)
+    return pa.table({"key": keys, "image": images, "status": status, "shard": shards,
+                     "members": np.maximum(members, 0).astype(np.int32)}, schema=SCHEMA)
 
 
 @ray.remote(num_returns=2, num_cpus=1, max_retries=3)
@@ -121,7 +125,7 @@ def plan(output: str, storage_options: dict[str, Any], needed: dict[str, str],
 
 
 def read_ledger(fs, root: str) -> tuple[pa.Table, list[dict[str, Any]]]:
-    """Newest entry per key over every run (columns key, status, members, run = index into
+    """Newest entry per image over every run (columns key, image, status, members, run = index into
     the returned runs [{"run_id", "fingerprints"}], in run order). Writes a new base when
     COMPACT_AFTER run ledgers have piled up since the newest one."""
     folder = f"{root}/{LEDGER}"
@@ -144,20 +148,21 @@ def read_ledger(fs, root: str) -> tuple[pa.Table, list[dict[str, Any]]]:
         runs.append({"run_id": run, "fingerprints": fingerprints[run]})
         for t in _read_all(fs, parts[run]):
             tables.append(t.append_column("run", pa.array(np.full(t.num_rows, index, np.int32))))
-    table = newest_per_key(pa.concat_tables(tables) if tables else _empty())
+    table = newest_per_image(pa.concat_tables(tables) if tables else _empty())
     if len(parts) >= COMPACT_AFTER:
         _write_base(fs, folder, table, runs)
     return table, runs
 
 
-def newest_per_key(table: pa.Table) -> pa.Table:
-    """Keep, for each key, the entry of the latest run. `table` holds the runs in time order
-    (base first), so a stable sort by key leaves each key's newest entry last."""
+def newest_per_image(table: pa.Table) -> pa.Table:
+    """Keep, for each image, the entry of the latest run. `table` holds the runs in time order
+    (base first), so a stable sort by image leaves each image's newest entry last."""
     if not table.num_rows:
         return table
-    order = np.argsort(table["key"].to_numpy(), kind="stable")
-    key = table["key"].to_numpy()[order]
-    last = np.append(key[1:] != key[:-1], True)
+    image = table["image"].to_numpy()
+    order = np.argsort(image, kind="stable")
+    image = image[order]
+    last = np.append(image[1:] != image[:-1], True)
     return table.take(pa.array(order[last]))
 
 
@@ -173,7 +178,7 @@ def select_done(table: pa.Table, runs: list[dict[str, Any]], needed: dict[str, s
     is_shard = status == SHARD
     if is_shard.any():  # a shard is done when all its members are
         done |= is_shard & (_done_members(key, table["shard"].to_numpy(), done) >= members)
-    return key[done]  # sorted: newest_per_key left the table in key order
+    return np.sort(key[done])
 
 
 def _done_members(key: np.ndarray, shard: np.ndarray, done: np.ndarray) -> np.ndarray:
@@ -207,7 +212,10 @@ def _read_all(fs, paths: list[str]) -> list[pa.Table]:
 
 
 def _read(fs, path: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(fs.cat_file(path)))
+    table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+    if "image" not in table.column_names:  # written before entries named their image: one per key
+        table = table.add_column(1, "image", table["key"])
+    return table
 
 
 def _empty() -> pa.Table:

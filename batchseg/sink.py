@@ -6,7 +6,8 @@ A write task with index N writes, in this order:
   OUTPUT/runs/RUN_ID.failed/part-N.jsonl         {"image_uri", "error", "error_kind"} per failed row
 Every file appears whole or not at all (storage.atomic_write), and a write task that Ray
 retries after it committed writes the same names again, so a retry never doubles rows. A
-crash between the annotations and the ledger part costs only a re-annotation next run.
+crash between the annotations and the ledger part costs a re-annotation next run (and, should
+the run after go back to an earlier model, the older entry decides what is done).
 Each task returns its counts; the driver adds them up (no driver pass over the rows).
 """
 
@@ -73,8 +74,8 @@ def ledger_part(table: pa.Table) -> pa.Table:
     uris, versions = table["image_uri"].to_pylist(), table["source_version"].to_pylist()
     shards = np.array([ledger.done_key(split_member(u)[0], v or "") if u.startswith("tar://") else 0
                        for u, v in zip(uris, versions)], np.int64)
-    return ledger.entries(table["_key"].to_numpy(), table["error_kind"].to_pylist(), shards,
-                          table["_members"].to_numpy())
+    return ledger.entries(table["_key"].to_numpy(), table["image_id"].to_numpy(), table["error_kind"].to_pylist(),
+                          shards, table["_members"].to_numpy())
 
 
 def empty_counts(columns: list[str]) -> dict[str, Any]:

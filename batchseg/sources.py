@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import stat
 import tarfile
 import threading
@@ -116,6 +117,26 @@ def distinct_roots(roots: Iterable[str]) -> list[str]:
         return root != other and root.startswith(other if other.endswith("/") else other + "/")
 
     return [r for r in canonical if not any(inside(r, other) for other in canonical)]
+
+
+class ListedBy:
+    """Does one of these inputs list `uri` (a canonical URI)? The folders below it and the
+    file itself are looked up: O(depth of the path) per URI, whatever the number of inputs."""
+
+    def __init__(self, inputs: Iterable[Input]) -> None:
+        self.folders = {self._split(i.uri) for i in inputs if i.kind == "prefix"}
+        self.files = {i.uri for i in inputs if i.kind in ("image", "shard")}
+
+    def __call__(self, uri: str) -> bool:
+        if uri in self.files:
+            return True
+        scheme, path = self._split(uri)
+        return any((scheme, path[:at]) in self.folders for at, c in enumerate(path) if c == "/")
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        scheme, _, path = uri.partition("://")
+        return scheme, path.rstrip("/")
 
 
 def iter_input(inp: Input, storage_options: dict[str, Any], page_rows: int = PAGE_ROWS) -> Iterator[list[dict[str, Any]]]:
@@ -490,8 +511,15 @@ def _version(info: dict[str, Any]) -> str:
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
-    with fsspec.open(uri, "rb", **storage_options) as f:
+    with open_object(uri, storage_options) as f:
         return f.read()
+
+
+def open_object(uri: str, storage_options: dict[str, Any]):
+    """One listed object, opened for reading. Not fsspec.open: it reads `::` in a name
+    (`a::b.jpg`, which folders and buckets allow) as a chain of filesystems."""
+    protocol, _ = split_protocol(uri)
+    return fsspec.filesystem(protocol or "file", **storage_options).open(uri, "rb")
 
 
 def iter_shard(uri: str, storage_options: dict[str, Any]) -> Iterator[tuple[str, int, bytes]]:
@@ -500,7 +528,7 @@ def iter_shard(uri: str, storage_options: dict[str, Any]) -> Iterator[tuple[str,
     Streams the tar (mode "r|*"), so a shard is read once front to back with no seeks.
     Raises tarfile.TarError / OSError if the shard itself is unreadable.
     """
-    with fsspec.open(uri, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with open_object(uri, storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile() or not is_image_name(member.name):
                 continue
@@ -514,12 +542,16 @@ def member_uri(shard: str, member: str) -> str:
     return f"tar://{member}::{shard}"
 
 
+_SHARD_START = re.compile(r"::(?=[A-Za-z][A-Za-z0-9+.-]*://|/)")
+
+
 def split_member(uri: str) -> tuple[str, str] | None:
     """`tar://MEMBER::SHARD_URI` -> (SHARD_URI, MEMBER); None for any other URI."""
     if not uri.startswith("tar://"):
         return None
-    member, shard = uri[len("tar://"):].split("::", 1)
-    return shard, member
+    rest = uri[len("tar://"):]
+    at = _SHARD_START.search(rest)  # the first `::` that a URI or an absolute path follows
+    return (rest[at.end():], rest[:at.start()]) if at else (rest.split("::", 1)[1], rest.split("::", 1)[0])
 
 
 def image_path(uri: str) -> str:

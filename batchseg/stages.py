@@ -49,12 +49,17 @@ def list_inputs(batch: dict[str, np.ndarray], units: list[Any], storage: Storage
     done: image files an earlier run wrote at this version, tar shards whose images are all done.
 
     A unit is a sources.Input (a folder, listed as pages stream in; or one image / shard) or a
-    manifests.ManifestPart (read batch by batch), as job.plan_inputs made them.
+    manifests.ManifestPart (read batch by batch), as job.plan_inputs made them. A manifest row
+    naming an object that a folder or file input of the same run lists too is left to that input.
     """
+    listed = sources.ListedBy([u for u in units if isinstance(u, sources.Input)])
     for index in batch["unit"]:
         unit = units[int(index)]
-        pages = (sources.iter_input(unit, storage.options(unit.uri)) if isinstance(unit, sources.Input)
-                 else manifests.read_manifest_part(unit, storage.options(unit.uri)))
+        if isinstance(unit, sources.Input):
+            pages = sources.iter_input(unit, storage.options(unit.uri))
+        else:
+            pages = ([row for row in page if not listed(row["uri"])]
+                     for page in manifests.read_manifest_part(unit, storage.options(unit.uri)))
         for page in pages:
             if page:
                 yield not_done(_columnar(page), done)
@@ -82,16 +87,18 @@ def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneS
             except Exception as e:
                 yield from out.add(uri, size, version, -1, b"", f"read failed: {one_line(e)}", failures.read_failure_kind(e))
             continue
-        members = 0
+        seen: set[str] = set()  # a name appended to a tar again (`tar rf`) is one image: its first copy
         try:
             for member_uri, member_size, data in sources.iter_shard(uri, opts):
-                members += 1
+                if member_uri in seen:
+                    continue
+                seen.add(member_uri)
                 if not done.contains(np.array([done_key(member_uri, version)]))[0]:
                     yield from out.add(member_uri, member_size, version, -1, data, None, None)
         except Exception as e:  # the shard becomes an error row; members read so far stay
             yield from out.add(uri, size, version, -1, b"", f"read failed: {one_line(e)}", failures.read_failure_kind(e))
             continue
-        yield from out.add(uri, size, version, members, b"", None, None)
+        yield from out.add(uri, size, version, len(seen), b"", None, None)
     yield from out.flush()
 
 

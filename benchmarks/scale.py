@@ -93,7 +93,8 @@ def write_output(root: Path, runs: int, rows_per_run: int, instances=None, fs=No
         })
         table = pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(rows_per_run, f.type)
                           for f in ROW}, schema=ROW)
-        entries = ledger.entries(keys, [None] * rows_per_run, np.zeros(rows_per_run, np.int64),
+        entries = ledger.entries(keys, table["image_id"].to_numpy(), [None] * rows_per_run,
+                                 np.zeros(rows_per_run, np.int64),
                                  np.full(rows_per_run, -1, np.int32))
         report = {"run_id": run_id(r), "provenance": {"tasks": {t: {"fingerprint": fp} for t, fp in FINGERPRINTS.items()}}}
         total += _put(root, f"annotations/run={run_id(r)}/part-00000.parquet", _parquet(table), fs)

@@ -12,6 +12,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from batchseg import ledger
 from batchseg.ledger import done_key
+from batchseg.schema import image_id
 
 
 def _write_run(root, run_id, fingerprints, rows, part=0):
@@ -22,7 +23,8 @@ def _write_run(root, run_id, fingerprints, rows, part=0):
     keys = np.array([done_key(u, v) for u, v, _, _ in rows], np.int64)
     shards = np.array([done_key(u[len("tar://"):].split("::", 1)[1], v) if u.startswith("tar://") else 0
                        for u, v, _, _ in rows], np.int64)
-    table = ledger.entries(keys, [k for _, _, k, _ in rows], shards, np.array([m for *_, m in rows], np.int32))
+    images = np.array([image_id(u) for u, *_ in rows], np.int64)
+    table = ledger.entries(keys, images, [k for _, _, k, _ in rows], shards, np.array([m for *_, m in rows], np.int32))
     folder = root / "_ledger" / f"run={run_id}"
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / f"part-{part:05d}.parquet")
@@ -52,9 +54,26 @@ def test_failure_classes(tmp_path):
             ("s3://l/throttled.jpg", "e", "transient", -1)]
     _write_run(tmp_path, "r1", {"instance": "A"}, rows)
     broken, crash, throttled = (done_key(u, v) for u, v, _, _ in rows)
-    assert _done(tmp_path, {"instance": "A"}) == {broken, crash}  # transient: never recorded
+    assert _done(tmp_path, {"instance": "A"}) == {broken, crash}  # transient: never done
     assert _done(tmp_path, {"instance": "B"}) == {broken}  # a new model tries the model failure again
     assert _done(tmp_path, {"instance": "A"}, retry_failed=True) == set()
+
+
+def test_only_an_images_newest_entry_counts(tmp_path):
+    """An image put back to an earlier version (an ETag or mtime seen before), and an image whose
+    newest row is a transient failure after an older success: both are annotated again."""
+    _write_run(tmp_path, "r1", {"instance": "A"}, [("s3://l/a.jpg", "v1", None, -1), ("s3://l/b.jpg", "v", None, -1)])
+    _write_run(tmp_path, "r2", {"instance": "A"}, [("s3://l/a.jpg", "v2", None, -1)])
+    _write_run(tmp_path, "r3", {"instance": "B"}, [("s3://l/b.jpg", "v", "transient", -1)])
+    assert _done(tmp_path, {"instance": "A"}) == {done_key("s3://l/a.jpg", "v2")}  # not v1 again, not b
+    assert _done(tmp_path, {"instance": "B"}) == set()
+
+
+def test_ledgers_written_before_entries_named_their_image_still_read(tmp_path):
+    _write_run(tmp_path, "r1", {"instance": "A"}, [("s3://l/a.jpg", "v", None, -1)])
+    part = tmp_path / "_ledger" / "run=r1" / "part-00000.parquet"
+    pq.write_table(pq.read_table(part).drop_columns(["image"]), part)
+    assert _done(tmp_path, {"instance": "A"}) == {done_key("s3://l/a.jpg", "v")}
 
 
 def test_newest_entry_per_key_wins(tmp_path):
@@ -72,8 +91,8 @@ def test_a_shard_is_done_when_all_its_members_are(tmp_path):
     assert done_key(shard, "v") in _done(tmp_path, {"instance": "A"})  # members spread over two runs
     _write_run(tmp_path, "r3", {"instance": "A"}, [(members[2], "v", "transient", -1)], part=1)
     _write_run(tmp_path, "r3", {"instance": "A"}, [], part=0)
-    # a member's newest row is transient (unrecorded), its r2 entry still counts
-    assert done_key(shard, "v") in _done(tmp_path, {"instance": "A"})
+    # a member's newest row is transient: the shard is read again for it
+    assert done_key(shard, "v") not in _done(tmp_path, {"instance": "A"})
     assert done_key(shard, "v") not in _done(tmp_path, {"instance": "B"})  # new model: read the shard again
 
 

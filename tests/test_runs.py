@@ -67,6 +67,21 @@ def test_kill_the_driver_then_rerun_finishes_the_rest_exactly_once(samples, tmp_
     assert _all_files_readable(out) >= 2
 
 
+def test_ctrl_c_ends_the_run_with_130_and_marks_its_report_interrupted(samples, tmp_path):
+    out = tmp_path / "out"
+    driver = subprocess.Popen(_cli(samples.root, out, *SLOW), env=_env(), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((out / "annotations").rglob("*.parquet")):
+        assert driver.poll() is None and time.time() < deadline, "run ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
+    assert driver.wait(timeout=120) == 130, driver.stderr.read()[-2000:]
+    (report,) = (out / "runs").glob("*.json")
+    assert json.loads(report.read_text())["status"] == "interrupted"
+    assert not (out / "_lease.json").exists()  # released for the next run
+
+
 def test_incremental_runs_annotate_only_new_or_changed_images(samples, tmp_path):
     images = tmp_path / "lake"
     shutil.copytree(samples.root / "street", images / "street")

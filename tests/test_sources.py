@@ -520,3 +520,69 @@ def test_shard_members_are_images_only_with_chained_urls(samples):
 
 def test_image_name_rule():
     assert is_image_name("a/B.TIF") and is_image_name("x.jpeg") and not is_image_name("x.gif")
+
+
+# --- names that are easy to get wrong ----------------------------------------------------------
+
+def _read_rows(uris: list[str]) -> list[tuple[str, int, str | None]]:
+    """(uri, members, error) of what stages.read_batch makes of these listed objects."""
+    import numpy as np
+
+    from batchseg.config import StorageConfig
+    from batchseg.ledger import DoneSet
+    from batchseg.stages import read_batch
+
+    batch = {"uri": np.array(uris, object), "size": np.full(len(uris), -1), "version": np.array(["v"] * len(uris), object),
+             "is_shard": np.array([u.endswith(".tar") for u in uris])}
+    out = []
+    for b in read_batch(batch, StorageConfig(), DoneSet(None), rows_per_batch=16):
+        out += list(zip(b["uri"], b["members"].tolist(), b["error"]))
+    return out
+
+
+def test_a_name_appended_to_a_tar_twice_is_one_image(tmp_path):
+    """`tar rf` adds a second copy of a name: one row, and the shard counts one member, so that a
+    re-run finds the shard done (two copies of one key would never add up to two members)."""
+    shard = tmp_path / "d.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, body in (("a.jpg", b"first"), ("b.jpg", b"other"), ("a.jpg", b"second")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    rows = _read_rows([f"file://{shard}"])
+    assert [(u.split("::")[0], m) for u, m, _ in rows] == [("tar://a.jpg", -1), ("tar://b.jpg", -1), (f"file://{shard}", 2)]
+
+
+def test_names_with_double_colons_are_objects_not_chains(tmp_path):
+    (tmp_path / "a::b.jpg").write_bytes(b"bytes")
+    shard = tmp_path / "s::1.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("x::y.jpg")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"xy"))
+    rows = _read_rows([f"file://{tmp_path}/a::b.jpg", f"file://{shard}"])
+    assert [e for *_, e in rows] == [None, None, None]
+    assert sources.split_member(rows[1][0]) == (f"file://{shard}", "x::y.jpg")
+
+
+def test_a_manifest_row_that_a_folder_input_lists_too_is_listed_once(tmp_path):
+    """Inputs `images/` and a manifest naming images/a.png, images/b.png and other/c.png (two
+    spellings): each image is one row of the run, not two."""
+    import numpy as np
+
+    from batchseg.config import load_config
+    from batchseg.job import plan_inputs
+    from batchseg.ledger import DoneSet
+    from batchseg.stages import list_inputs
+
+    for name in ("images/a.png", "images/b.png", "other/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri\n{tmp_path}/images/a.png\nfile://{tmp_path}/images/b.png\n{tmp_path}/other/c.png\n")
+    cfg = load_config(None, [(["inputs"], [str(tmp_path / "images"), str(manifest)]), (["output"], str(tmp_path / "out")),
+                             (["models"], {"instance": {"backend": "torchvision", "random_init": True}})])
+    units = plan_inputs(cfg)
+    uris = [u for page in list_inputs({"unit": np.arange(len(units))}, units, cfg.s3, DoneSet(None))
+            for u in page["uri"]]
+    assert sorted(uris) == [f"file://{tmp_path}/{n}" for n in ("images/a.png", "images/b.png", "other/c.png")]
