@@ -198,12 +198,13 @@ def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
 
 
 def _record_end(path: str, head: dict[str, Any], e: BaseException, held: lease.Lease, opts: dict[str, Any]) -> None:
-    """Mark the run's report "interrupted" (Ctrl-C, `ray job stop`, a lost lease) or "failed",
-    so that a report left "running" means only a run that is running or was killed outright.
-    Skipped when the lease is gone: the output is another run's now."""
+    """Mark the run's report "interrupted" (Ctrl-C; SIGTERM from `ray job stop` or a scheduler,
+    which ray.init's handler turns into SystemExit; a lost lease) or "failed", so that a report
+    left "running" means only a run that is running or was killed outright. Skipped when the
+    lease is gone: the output is another run's now."""
     try:
         held.check()
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
         write_json(path, {**head, "status": status, "error": one_line(e) or type(e).__name__,
                           "ended_at": datetime.now(timezone.utc).isoformat()}, opts)
     except Exception as why:
