@@ -80,12 +80,24 @@ def _spend_actor_restart_warning() -> None:
 
 def _quiet_ray_data_console() -> None:
     """Ray Data's console handler shows its INFO lines (execution plan, progress notices);
-    keep warnings and errors there. Its file handler still gets everything."""
+    keep warnings and errors there, less its issue detector's advice (a predictor actor holding
+    a model "uses 1.2GiB of memory per worker", in 15 lines every 30 s), which is meant for
+    hand-written pipelines. Its file handler still gets everything."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger)
 
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
             handler.setLevel(logging.WARNING)
+            handler.addFilter(_DropLogger("ray.data._internal.issue_detection"))
+
+
+class _DropLogger(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(self.prefix)
 
 
 def install_progress(stream: TextIO | None = None) -> None:

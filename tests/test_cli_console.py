@@ -86,3 +86,17 @@ def test_ray_data_still_has_the_hook_the_console_replaces():
     assert list(inspect.signature(hook).parameters) == ["ctx", "dataset_id", "topology", "verbose_progress"]
     assert issubclass(ProgressLine, BaseExecutionProgressManager)
     assert "get_progress_manager(" in inspect.getsource(streaming_executor.StreamingExecutor)
+
+
+def test_ray_datas_console_keeps_warnings_but_not_its_issue_detectors_advice(capfd):
+    """The detector's "uses 1.2GiB of memory per worker" block comes every 30 s of a run whose
+    actors hold a model; it stays in the session's ray-data log, out of the run's console."""
+    import logging
+
+    from batchseg.console import _quiet_ray_data_console
+
+    _quiet_ray_data_console()
+    logging.getLogger("ray.data._internal.issue_detection.issue_detector_manager").warning("detector advice")
+    logging.getLogger("ray.data._internal.execution").warning("a real warning")
+    err = capfd.readouterr().err
+    assert "a real warning" in err and "detector advice" not in err
