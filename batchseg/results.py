@@ -112,7 +112,7 @@ class Results:
             log.warning("skipping %s: not a readable Parquet file (%s)", self.fs.unstrip_protocol(path), e)
             return
         with f:
-            missing = set(columns or REQUIRED) - set(reader.schema_arrow.names)
+            missing = set(REQUIRED) - set(reader.schema_arrow.names)  # other columns may postdate the file
             if missing:
                 log.warning("skipping %s: not batchseg's (no %s column)", self.fs.unstrip_protocol(path), sorted(missing)[0])
                 return

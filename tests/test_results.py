@@ -88,3 +88,13 @@ def test_ledgers_and_other_tools_parquet_are_not_results(tmp_path):
     pq.write_table(pa.table({"id": [1]}), foreign / "x.parquet")
     with pytest.raises(ConfigError, match="is not a batchseg dataset: .* has no error column"):
         open_results(str(foreign))
+
+
+def test_a_file_older_than_a_column_still_reads(tmp_path):
+    """A run written before review_priority existed: its rows come back without the column."""
+    folder = tmp_path / "annotations" / "run=r1"
+    folder.mkdir(parents=True)
+    rows = _rows(["s3://l/a.jpg"], 1)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW).drop_columns(["review_priority"]), folder / "part-00000.parquet")
+    got = list(open_results(str(tmp_path)).rows(["image_uri", "review_priority"]))
+    assert [r["image_uri"] for r in got] == ["s3://l/a.jpg"] and got[0].get("review_priority") is None
