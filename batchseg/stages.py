@@ -150,19 +150,13 @@ def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], m
                                lambda j: _killed(preprocessors))
     images = [[_NO_IMAGE] * len(errors) for _ in preprocessors]
     heights, widths = np.full(len(errors), -1, np.int32), np.full(len(errors), -1, np.int32)
-    for i, (inputs, h, w, error, kind) in zip(todo, decoded):
-        for column, image in zip(images, inputs):
-            column[i] = image
-        heights[i], widths[i], errors[i], kinds[i] = h, w, error, kind
     out = {k: batch[k] for k in ("uri", "size", "version", "key", "members")}
     if jpegs_to_device:
         for i, header in headers.items():
             heights[i], widths[i] = header.height, header.width
         out["jpeg"] = _object_array([batch["data"][i] if i in headers else b"" for i in range(len(errors))])
         out["orientation"] = np.array([headers[i].orientation if i in headers else 1 for i in range(len(errors))], np.int8)
-    out.update(error=_object_array(errors), error_kind=_object_array(kinds), height=heights, width=widths)
-    out.update({f"image_{k}": _object_array(column) for k, column in enumerate(images)})
-    return out
+    return _with_decoded(out, todo, decoded, images, heights, widths, errors, kinds)
 
 
 _Decoded = tuple[list[Any], int, int, str | None, str | None]  # model inputs, height, width, error, error_kind
@@ -180,6 +174,20 @@ def _decode(data: bytes, preprocessors: list[Preprocessor], max_pixels: int) -> 
 def _killed(preprocessors: list[Preprocessor]) -> _Decoded:
     """An image given up by the in-flight journal."""
     return [_NO_IMAGE] * len(preprocessors), -1, -1, "decode killed its worker repeatedly", failures.MODEL
+
+
+def _with_decoded(out: dict[str, Any], rows: list[int], decoded: list[_Decoded], images: list[list[Any]],
+                  heights: np.ndarray, widths: np.ndarray, errors: list[str | None],
+                  kinds: list[str | None]) -> dict[str, Any]:
+    """`out` with the image (`image_k`), size and error columns, after writing each decoded
+    result into its row of `images` (one list per preprocessor) and the other columns."""
+    for i, (inputs, h, w, error, kind) in zip(rows, decoded):
+        for column, image in zip(images, inputs):
+            column[i] = image
+        heights[i], widths[i], errors[i], kinds[i] = h, w, error, kind
+    out.update(error=_object_array(errors), error_kind=_object_array(kinds), height=heights, width=widths)
+    out.update({f"image_{k}": _object_array(column) for k, column in enumerate(images)})
+    return out
 
 
 def _decode_error(e: Exception) -> str:
@@ -216,13 +224,7 @@ def decode_on_device(batch: dict[str, np.ndarray], preprocessors: list[Preproces
     errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
     heights, widths = batch["height"].copy(), batch["width"].copy()
     images = [list(batch[f"image_{k}"]) for k in range(len(preprocessors))]  # a block of equal shapes comes as one array
-    for i, (inputs, h, w, error, kind) in zip(rows, decoded):
-        for column, image in zip(images, inputs):
-            column[i] = image
-        heights[i], widths[i], errors[i], kinds[i] = h, w, error, kind
-    out = dict(batch, error=_object_array(errors), error_kind=_object_array(kinds), height=heights, width=widths)
-    out.update({f"image_{k}": _object_array(column) for k, column in enumerate(images)})
-    return out
+    return _with_decoded(dict(batch), rows, decoded, images, heights, widths, errors, kinds)
 
 
 class Annotate:
