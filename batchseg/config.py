@@ -149,7 +149,7 @@ class JobConfig(_Strict):
     @field_validator("output")
     @classmethod
     def _output_scheme(cls, v: str) -> str:
-        if not v.strip() or not v.strip().rstrip("/"):
+        if not v.strip().rstrip("/"):
             raise ValueError(f"output {v!r} names no folder; give a folder (local or s3://) for annotations/ and runs/")
         _check_scheme(v)
         return _lower_scheme(v)

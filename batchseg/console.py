@@ -88,16 +88,7 @@ def _quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
             handler.setLevel(logging.WARNING)
-            handler.addFilter(_DropLogger("ray.data._internal.issue_detection"))
-
-
-class _DropLogger(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith(self.prefix)
+            handler.addFilter(lambda record: not record.name.startswith("ray.data._internal.issue_detection"))
 
 
 def install_progress(stream: TextIO | None = None) -> None:

@@ -36,6 +36,7 @@ from batchseg.config import ConfigError
 from batchseg.encoding import decode_panoptic
 from batchseg.results import Results
 from batchseg.sources import image_path
+from batchseg.tasks import TASK_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def panoptic_quality(results: Results, matched: dict[int, int], gt: dict[str, An
 
 
 def _no_results_for(column: str, gt: str) -> ConfigError:
-    task = {"instances": "instance", "keypoints": "keypoint"}.get(column, column)
+    task = next(task for task, spec in TASK_TABLE.items() if spec.column == column)
     return ConfigError(f"no matched image has {column} results to score against {gt}; "
                        f"evaluate a run made with --tasks {task}")
 

@@ -550,8 +550,9 @@ def split_member(uri: str) -> tuple[str, str] | None:
     if not uri.startswith("tar://"):
         return None
     rest = uri[len("tar://"):]
-    at = _SHARD_START.search(rest)  # the first `::` that a URI or an absolute path follows
-    return (rest[at.end():], rest[:at.start()]) if at else (rest.split("::", 1)[1], rest.split("::", 1)[0])
+    # the first `::` that a URI or an absolute path follows; else (a relative shard) the first `::`
+    at = _SHARD_START.search(rest) or re.search("::", rest)
+    return rest[at.end():], rest[:at.start()]
 
 
 def image_path(uri: str) -> str:
