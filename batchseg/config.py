@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 TASKS = ("instance", "panoptic", "keypoint", "densepose")
 BACKENDS = ("detectron2", "torchvision")
@@ -40,7 +41,7 @@ class StorageConfig(_Strict):
     """How to reach object storage; credentials come from the usual AWS env vars / profiles."""
 
     endpoint_url: str | None = None  # also read from AWS_ENDPOINT_URL(_S3) by botocore itself
-    anon: bool = False
+    anon: StrictBool = False
     region: str | None = None
 
     def options(self, uri: str) -> dict[str, Any]:
@@ -71,13 +72,13 @@ class ModelConfig(_Strict):
     model: str | None = None
     weights: str | None = None
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="pin the weights' content")
-    random_init: bool = False
+    random_init: StrictBool = False
     label_map: str | dict[int, Any] | None = None
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    score_threshold: StrictFloat = Field(0.5, ge=0.0, le=1.0)
     categories: list[str] | None = Field(None, description="keep only these category names")
-    batch_size: int | None = Field(None, gt=0, description="images per forward; default: the job's")
-    min_size: int | None = Field(None, gt=0, description="test-time shortest edge, pixels")
-    max_size: int | None = Field(None, gt=0, description="test-time longest edge cap, pixels")
+    batch_size: StrictInt | None = Field(None, gt=0, description="images per forward; default: the job's")
+    min_size: StrictInt | None = Field(None, gt=0, description="test-time shortest edge, pixels")
+    max_size: StrictInt | None = Field(None, gt=0, description="test-time longest edge cap, pixels")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("backend")
@@ -109,21 +110,21 @@ class JobConfig(_Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    decode_on_device: bool = Field(False, description="decode baseline JPEGs on the GPU (nvJPEG); needs device cuda")
-    batch_size: int = Field(4, gt=0, description="images per model forward")
-    num_actors: int | None = Field(None, gt=0, description="predictor actors; None = one per GPU")
-    max_actors: int | None = Field(None, gt=0, description="autoscale the pool up to this many")
-    gpus_per_actor: float = Field(1.0, gt=0)
-    read_rows_per_block: int = Field(16, gt=0, description="images per read/decode task")
-    rows_per_file: int = Field(2000, gt=0, description="least rows per output Parquet file")
-    max_image_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb limit")
-    allow_empty: bool = Field(False, description="an input with no images is not an error (scheduled runs)")
-    overwrite: bool = Field(False, description="delete earlier runs in the output, annotate everything")
-    retry_failed: bool = Field(False, description="annotate again images an earlier run failed on")
-    max_failed_fraction: float | None = Field(
+    decode_on_device: StrictBool = Field(False, description="decode baseline JPEGs on the GPU (nvJPEG); needs device cuda")
+    batch_size: StrictInt = Field(4, gt=0, description="images per model forward")
+    num_actors: StrictInt | None = Field(None, gt=0, description="predictor actors; None = one per GPU")
+    max_actors: StrictInt | None = Field(None, gt=0, description="autoscale the pool up to this many")
+    gpus_per_actor: StrictFloat = Field(1.0, gt=0)
+    read_rows_per_block: StrictInt = Field(16, gt=0, description="images per read/decode task")
+    rows_per_file: StrictInt = Field(2000, gt=0, description="least rows per output Parquet file")
+    max_image_pixels: StrictInt = Field(89_478_485, gt=0, description="decompression-bomb limit")
+    allow_empty: StrictBool = Field(False, description="an input with no images is not an error (scheduled runs)")
+    overwrite: StrictBool = Field(False, description="delete earlier runs in the output, annotate everything")
+    retry_failed: StrictBool = Field(False, description="annotate again images an earlier run failed on")
+    max_failed_fraction: StrictFloat | None = Field(
         None, ge=0.0, le=1.0, description="exit 3 (failure budget exceeded) when more images than this fail"
     )
-    allow_http_weights: bool = Field(False, description="allow weights over plain http:// without weights_sha256")
+    allow_http_weights: StrictBool = Field(False, description="allow weights over plain http:// without weights_sha256")
     s3: StorageConfig = Field(default_factory=StorageConfig)
     ray_address: str | None = None
 
