@@ -81,11 +81,16 @@ class DoneSet:
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """(n,) int64 -> (n,) bool."""
-        done = _resolve(self.ref)
-        if not len(done) or not len(keys):
-            return np.zeros(len(keys), bool)
-        at = np.minimum(np.searchsorted(done, keys), len(done) - 1)
-        return done[at] == keys
+        return find_sorted(_resolve(self.ref), keys)[1]
+
+
+def find_sorted(values: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Binary search of `keys` (n,) in sorted `values` (m,): (at, hit), both (n,); values[at[i]]
+    == keys[i] where hit[i]. O(n log m), no copy of `values`."""
+    if not len(values):
+        return np.zeros(len(keys), np.intp), np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(values, keys), len(values) - 1)
+    return at, values[at] == keys
 
 
 _resolved: dict[Any, np.ndarray] = {}
@@ -118,9 +123,16 @@ def plan(output: str, storage_options: dict[str, Any], needed: dict[str, str],
          retry_failed: bool) -> tuple[np.ndarray, dict[str, Any]]:
     """Ray task: (sorted done keys for a run needing `needed` task fingerprints, figures)."""
     fs, root = url_to_fs(output.rstrip("/"), **storage_options)
+    return done_with_figures(fs, root, needed, retry_failed)
+
+
+def done_with_figures(fs, root: str, needed: dict[str, str], retry_failed: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """(sorted (n,) int64 done keys, {"ledger_entries", "runs", "done": images, "done_shards"})."""
     table, runs = read_ledger(fs, root)
     keys = select_done(table, runs, needed, retry_failed)
-    stats = {"ledger_entries": table.num_rows, "runs": len(runs), "done": int(len(keys))}
+    done_shards = int(np.count_nonzero(find_sorted(keys, _shard_keys(table))[1]))
+    stats = {"ledger_entries": table.num_rows, "runs": len(runs), "done": int(len(keys)) - done_shards,
+             "done_shards": done_shards}
     return keys, stats
 
 
@@ -181,14 +193,19 @@ def select_done(table: pa.Table, runs: list[dict[str, Any]], needed: dict[str, s
     return np.sort(key[done])
 
 
+def _shard_keys(table: pa.Table) -> np.ndarray:
+    """The keys of the tar shards' marker entries (one per shard, not per image)."""
+    if not table.num_rows:
+        return np.zeros(0, np.int64)
+    return table["key"].to_numpy()[table["status"].to_numpy() == SHARD]
+
+
 def _done_members(key: np.ndarray, shard: np.ndarray, done: np.ndarray) -> np.ndarray:
     """Per entry: how many done entries name it as their shard (0 for entries that are not shards)."""
     values, counts = np.unique(shard[done & (shard != 0)], return_counts=True)
     out = np.zeros(len(key), np.int64)
-    if len(values):
-        at = np.minimum(np.searchsorted(values, key), len(values) - 1)
-        hit = values[at] == key
-        out[hit] = counts[at[hit]]
+    at, hit = find_sorted(values, key)
+    out[hit] = counts[at[hit]]
     return out
 
 

@@ -69,6 +69,8 @@ def test_a_rerun_over_done_tar_shards_reads_no_shard_bytes(ray_cluster, s3_endpo
         proxy.requests_seen.clear()
         second = run_job(**run)[1]
     assert second["images"]["in"] == 0  # the corrupt shard too: recorded once
+    assert second["done_before"] == first["images"]["in"]  # images only, the shards counted apart
+    assert second["ledger"]["done_shards"] == len(list((samples.root / "shards").glob("*.tar")))
     assert [p for m, p, _ in proxy.requests_seen if p.split("?")[0].endswith(".tar") and m in ("GET", "HEAD")] == []
 
 

@@ -96,6 +96,15 @@ def test_a_shard_is_done_when_all_its_members_are(tmp_path):
     assert done_key(shard, "v") not in _done(tmp_path, {"instance": "B"})  # new model: read the shard again
 
 
+def test_planning_figures_count_done_images_and_done_shards_apart(tmp_path):
+    shard = "s3://l/shard-0.tar"
+    rows = [(f"tar://{i}.jpg::{shard}", "v", None, -1) for i in range(2)] + [(shard, "v", None, 2)]
+    _write_run(tmp_path, "r1", {"instance": "A"}, rows + [("s3://l/a.jpg", "e", None, -1)])
+    keys, figures = ledger.done_with_figures(LocalFileSystem(), str(tmp_path), {"instance": "A"}, False)
+    assert len(keys) == 4
+    assert figures == {"ledger_entries": 4, "runs": 1, "done": 3, "done_shards": 1}
+
+
 def test_a_shard_cut_short_is_read_again(tmp_path):
     shard = "s3://l/shard-0.tar"
     _write_run(tmp_path, "r1", {"instance": "A"}, [(f"tar://0.jpg::{shard}", "v", None, -1), (shard, "v", None, 2)])
