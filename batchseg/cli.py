@@ -243,8 +243,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(job.model_dump(mode="json"), indent=2))
         return EXIT_OK
-    _start_ray(job)
-    summary = job_module.run(job, prepared)
+    with job_module.hold_output(job) as held:
+        _start_ray(job)
+        summary = job_module.run(job, prepared, held)
     print(_summary_line(summary))
     if summary["status"] == "failure_budget_exceeded":
         print(f"batchseg: {summary['failed_fraction']:.1%} of images failed, over max_failed_fraction="

@@ -154,8 +154,15 @@ def _check_output(job: JobConfig) -> None:
                               f"({provenance.redact(job.output.rstrip('/').rsplit('/', 1)[0])}) instead")
 
 
-def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
-    """One run on the connected Ray cluster, under the output's lease.
+def hold_output(job: JobConfig) -> lease.Lease:
+    """The output's lease for a new run (`with hold_output(job) as held:`); entering raises
+    OutputLocked, one line, while another live run holds it. Taken before Ray starts, so a
+    locked output costs no cluster start."""
+    return lease.Lease(job.output, job.storage_options(job.output), new_run_id(), on_lost=lease.interrupt_main)
+
+
+def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | None = None) -> dict[str, Any]:
+    """One run on the connected Ray cluster, under the output's lease (`held`, or taken here).
 
     Annotates what no earlier run did at its current version with the same models (all of it
     with overwrite) into OUTPUT/annotations/run=RUN_ID/, and reports in OUTPUT/runs/RUN_ID.json
@@ -163,38 +170,40 @@ def run(job: JobConfig, prepared: Prepared | None = None) -> dict[str, Any]:
     and OUTPUT/run.json (the latest). Returns the report.
     """
     prepared = prepared or preflight(job)
-    run_id = new_run_id()
+    if held is None:
+        with hold_output(job) as held:
+            return run(job, prepared, held)
+    run_id = held.run_id
     opts = job.storage_options(job.output)
-    with lease.Lease(job.output, opts, run_id, on_lost=lease.interrupt_main) as held:
-        if job.overwrite:
-            held.check()
-            _delete_earlier_runs(job)
-        started = time.time()
-        head = _head(job, run_id, prepared, started)
-        write_json(join(job.output, RUNS, f"{run_id}.json"), head, opts)
-        try:
-            journal = inflight.start_journal()
-            # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the
-            # done keys, the predictor actors load their models meanwhile.
-            done_ref, planned_ref = ledger.plan.remote(job.output, opts, prepared.fingerprints, job.retry_failed)
-            where = pipeline.place(job)
-            log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
-            sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
-                           fence=held.fence())
-            dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, prepared.units)
-            pipeline.write(dataset, sink)
-            planned = ray.get(planned_ref)
-        except BaseException as e:
-            _record_end(join(job.output, RUNS, f"{run_id}.json"), head, e, held, opts)
-            raise
-        log.info("run %s: %d images and %d tar shards were done by earlier runs (ledger of %d runs); "
-                 "those among the inputs were skipped", run_id, planned["done"], planned["done_shards"], planned["runs"])
-        summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
-                                 job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
+    if job.overwrite:
         held.check()
-        write_text(join(job.output, RUNS, f"{run_id}.stats.txt"), dataset.stats(), opts)
-        for name in (f"{RUNS}/{run_id}.json", "run.json"):
-            write_json(join(job.output, name), summary, opts)
+        _delete_earlier_runs(job)
+    started = time.time()
+    head = _head(job, run_id, prepared, started)
+    write_json(join(job.output, RUNS, f"{run_id}.json"), head, opts)
+    try:
+        journal = inflight.start_journal()
+        # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the
+        # done keys, the predictor actors load their models meanwhile.
+        done_ref, planned_ref = ledger.plan.remote(job.output, opts, prepared.fingerprints, job.retry_failed)
+        where = pipeline.place(job)
+        log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
+        sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
+                       fence=held.fence())
+        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, prepared.units)
+        pipeline.write(dataset, sink)
+        planned = ray.get(planned_ref)
+    except BaseException as e:
+        _record_end(join(job.output, RUNS, f"{run_id}.json"), head, e, held, opts)
+        raise
+    log.info("run %s: %d images and %d tar shards were done by earlier runs (ledger of %d runs); "
+             "those among the inputs were skipped", run_id, planned["done"], planned["done_shards"], planned["runs"])
+    summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
+                             job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
+    held.check()
+    write_text(join(job.output, RUNS, f"{run_id}.stats.txt"), dataset.stats(), opts)
+    for name in (f"{RUNS}/{run_id}.json", "run.json"):
+        write_json(join(job.output, name), summary, opts)
     return summary
 
 

@@ -107,6 +107,10 @@ class Lease:
         self._last_error = ""
         self.silent_s = 0.0  # at loss: seconds since the last successful renewal was sent
 
+    @property
+    def run_id(self) -> str:
+        return self.me["run_id"]
+
     # ---- taking and giving back
 
     def __enter__(self) -> Lease:

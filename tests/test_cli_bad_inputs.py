@@ -244,3 +244,19 @@ def _parser_of(command: list[str]):
         sub = next(a for a in parser._actions if a.choices and word in a.choices)
         parser = sub.choices[word]
     return parser
+
+
+def test_an_output_another_run_holds_fails_before_ray_starts(places, tmp_path):
+    from batchseg.lease import Lease
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with Lease(str(out), {}, "20260101T000000Z-0ther0"):
+        result = subprocess.run([sys.executable, "-m", "batchseg", "run", "--input", places["images"],
+                                 "--output", str(out), *TV], capture_output=True, text=True, timeout=180,
+                                env=environment("creds"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 4 and len(lines) == 1, result.stderr[-3000:]  # 4: output locked
+    assert "is being written by run 20260101T000000Z-0ther0" in lines[0]
+    assert "Started a local Ray" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # the holder released its lease; nothing else written
