@@ -196,8 +196,9 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     except BaseException as e:
         _record_end(join(job.output, RUNS, f"{run_id}.json"), head, e, held, opts)
         raise
-    log.info("run %s: %d images and %d tar shards were done by earlier runs (ledger of %d runs); "
-             "those among the inputs were skipped", run_id, planned["done"], planned["done_shards"], planned["runs"])
+    if planned["runs"]:
+        log.info("run %s: %d images and %d tar shards were done by earlier runs (ledger of %d runs); those among "
+                 "the inputs were skipped", run_id, planned["done"], planned["done_shards"], planned["runs"])
     summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
                              job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
     held.check()
