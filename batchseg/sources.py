@@ -3,7 +3,8 @@
 An input is classified once on the driver (`classify`): a folder / prefix, one image file, one
 tar shard, a manifest file of URIs or an S3 Inventory `manifest.json` (batchseg.manifests).
 A folder is listed by `iter_listing`, which streams pages of rows while a bounded pool of
-threads fans out over sub-folders, so memory stays flat however many objects lie below it.
+threads fans out over sub-folders, so memory stays flat however many objects lie below it;
+`split_folder` first cuts a folder input into listing units, one Ray task each.
 
 A listed row is either one image file or one tar shard (WebDataset style):
 `{"uri": canonical URI, "size": bytes (-1 if unknown), "version": S3 ETag or mtime as text
@@ -56,13 +57,21 @@ def is_manifest_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Input:
-    """One job input. `kind`: "prefix" (a folder, listed recursively), "image", "shard",
-    "manifest" (a file of URIs) or "inventory" (an S3 Inventory manifest.json).
-    `uri`: canonical. `row`: the listing row of an image or shard input, else None."""
+    """One job input, or one listing unit of a folder input (split_folder).
+
+    kind: "prefix" (a folder, listed recursively), "image", "shard", "manifest" (a file of
+      URIs) or "inventory" (an S3 Inventory manifest.json).
+    uri: canonical; for every unit of a split folder, the folder's own URI.
+    rows: listing rows known already: an image or shard input's own row, or the files a split
+      found directly in the folders it opened.
+    start: for a split folder's unit, the sub-folders (lister units) it lists recursively;
+      None for a folder listed whole.
+    """
 
     kind: str
     uri: str
-    row: dict[str, Any] | None = field(default=None, compare=False)
+    rows: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+    start: tuple[Any, ...] | None = field(default=None, compare=False)
 
 
 def classify(uri: str, storage_options: dict[str, Any]) -> Input:
@@ -84,7 +93,7 @@ def classify(uri: str, storage_options: dict[str, Any]) -> Input:
     name = path.rsplit("/", 1)[-1]
     if is_image_name(name) or is_shard_name(name):
         row = {"uri": canonical, "size": _size(info), "version": _version(info), "is_shard": is_shard_name(name)}
-        return Input("shard" if row["is_shard"] else "image", canonical, row)
+        return Input("shard" if row["is_shard"] else "image", canonical, (row,))
     if name == INVENTORY_NAME:
         return Input("inventory", canonical)
     if is_manifest_name(name):
@@ -146,11 +155,12 @@ def iter_input(inp: Input, storage_options: dict[str, Any], page_rows: int = PAG
     separate distributed tasks instead."""
     from batchseg import manifests
 
-    if inp.row is not None:
-        yield [dict(inp.row)]
-    elif inp.kind == "prefix":
-        yield from iter_listing(inp.uri, storage_options, page_rows=page_rows)
-    else:
+    for at in range(0, len(inp.rows), page_rows):
+        yield [dict(row) for row in inp.rows[at:at + page_rows]]
+    if inp.kind == "prefix":
+        if inp.start is None or inp.start:
+            yield from iter_listing(inp.uri, storage_options, start=inp.start, page_rows=page_rows)
+    elif inp.kind in ("manifest", "inventory"):
         for part in manifests.manifest_parts(inp.uri, storage_options):
             yield from manifests.read_manifest_part(part, storage_options, page_rows=page_rows)
 
@@ -163,12 +173,14 @@ def iter_listing(
     root: str,
     storage_options: dict[str, Any],
     *,
+    start: tuple[Any, ...] | None = None,
     concurrency: int | None = None,
     page_rows: int = PAGE_ROWS,
     queue_pages: int = 8,
 ) -> Iterator[list[dict[str, Any]]]:
     """Yield pages (lists of at most `page_rows` rows) of every image and tar shard under the
-    folder `root`, recursively, as the listing goes; no order.
+    folder `root`, recursively, as the listing goes; no order. With `start` (a split_folder
+    unit's sub-folders), only what lies under those.
 
     `concurrency` folders are listed at once (threads; default 16 on S3, 8 on other remote
     stores, 4 locally, where threads help on network file systems). At most `queue_pages` pages
@@ -189,15 +201,90 @@ def iter_listing(
     Raises what the store raises (FileNotFoundError for a missing local folder or bucket...);
     pages already yielded stay valid.
     """
+    lister, first, workers = _lister(root, storage_options)
+    walk = _Walk(lister, concurrency or workers, page_rows, queue_pages)
+    yield from walk.run([first] if start is None else list(start))
+
+
+def _lister(root: str, storage_options: dict[str, Any]) -> tuple[Callable[[Any, Any], None], Any, int]:
+    """(lister for `root`'s store, the lister unit of `root` itself, threads to list with)."""
     fs, path = url_to_fs(root, **storage_options)
     if "s3" in _protocols(fs):
-        lister, first, workers = _S3Lister(fs, path), _S3Lister.root_prefix(fs, path), 16
-    elif "file" in _protocols(fs):
-        lister, first, workers = _local_folder, os.path.abspath(path), 4
-    else:
-        lister, first, workers = _GenericLister(fs), path, 8
-    walk = _Walk(lister, concurrency or workers, page_rows, queue_pages)
-    yield from walk.run(first)
+        return _S3Lister(fs, path), _S3Lister.root_prefix(fs, path), 16
+    if "file" in _protocols(fs):
+        return _local_folder, os.path.abspath(path), 4
+    return _GenericLister(fs), path, 8
+
+
+SPLIT_UNITS = 32  # listing units (Ray tasks) a folder input becomes at most
+SPLIT_REQUESTS = 16  # folder listings the driver spends on splitting one folder input, at most
+SPLIT_ENTRIES = 1000  # a folder with more direct entries (one S3 page) is not opened on the driver
+
+
+def split_folder(inp: Input, storage_options: dict[str, Any]) -> list[Input]:
+    """A folder input as up to SPLIT_UNITS listing units that together list it exactly once.
+
+    Ray Data hands a listing task's rows on only when its output block fills (128 MiB, about a
+    million keys) or the task ends, so one task per folder would hold back the first images
+    of a large folder until its listing ended. Opening the folder here level by level (one
+    delimited listing per folder, a whole level at a time, at most SPLIT_REQUESTS in all)
+    gives many shorter tasks of similar size, which also list in parallel on every node.
+    Files found directly in an opened folder travel as rows of the first unit; a folder with
+    more than SPLIT_ENTRIES direct entries is left closed, for a task's own fanned-out listing.
+    """
+    lister, first, _ = _lister(inp.uri, storage_options)
+    rows: list[dict[str, Any]] = []
+    closed: list[Any] = []  # too big to open here: each listed whole by a task
+    level, requests = [first], 0
+    while level and len(closed) + len(level) < SPLIT_UNITS and requests + len(level) <= SPLIT_REQUESTS:
+        below: list[Any] = []
+        for unit in level:
+            found = _Opened()
+            requests += 1
+            try:
+                lister(unit, found)
+            except _Opened.TooBig:
+                closed.append(unit)
+                continue
+            rows += found.rows
+            below += found.units
+        level = below
+    units = level + closed  # the closed (large) last: the first tasks end soon
+    if units == [first]:
+        return [inp]
+    k = max(1, min(SPLIT_UNITS, len(units)))  # dealt round, so groups are of similar size
+    groups = [tuple(units[i::k]) for i in range(k)]
+    return [Input("prefix", inp.uri, tuple(rows) if i == 0 else (), group) for i, group in enumerate(groups)]
+
+
+class _Opened:
+    """Stands in for _Walk while split_folder opens one folder: keeps its rows and sub-folder
+    units instead of listing them, and gives up past SPLIT_ENTRIES entries."""
+
+    class TooBig(Exception):
+        pass
+
+    page_rows = PAGE_ROWS
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.units: list[Any] = []
+
+    def emit(self, rows: list[dict[str, Any]]) -> None:
+        self.rows += rows
+        self._check()
+
+    def offer(self, units: list[Any]) -> int:
+        self.units += units
+        self._check()
+        return len(units)
+
+    def wants_fan_out(self) -> bool:
+        return True
+
+    def _check(self) -> None:
+        if len(self.rows) + len(self.units) > SPLIT_ENTRIES:
+            raise self.TooBig
 
 
 class _Stopped(Exception):
@@ -247,8 +334,8 @@ class _Walk:
 
     # -- the consumer side
 
-    def run(self, first: Any) -> Iterator[list[dict[str, Any]]]:
-        self._pending.append(first)
+    def run(self, units: list[Any]) -> Iterator[list[dict[str, Any]]]:
+        self._pending.extend(reversed(units))
         self._alive = self.workers
         threads = [threading.Thread(target=self._work, name=f"listing-{i}", daemon=True) for i in range(self.workers)]
         for t in threads:

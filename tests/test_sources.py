@@ -218,6 +218,91 @@ def test_s3_missing_bucket_raises(s3):
 
 
 # ---------------------------------------------------------------------------------------------
+# a folder input split into listing units
+
+
+def listed_units(units, storage_options) -> list[dict]:
+    return [row for unit in units for page in sources.iter_input(unit, storage_options) for row in page]
+
+
+def deep_tree(root):
+    """Files at every level, folders of a few files, one with many, an empty one, a symlinked folder."""
+    files = ["a.jpg", "notes.txt", "b/c.png", "b/d/e.tar", "b/d/f/g.jpg", "h/i.jpg", "h/j/k.webp"]
+    files += [f"big/{i:04d}.jpg" for i in range(30)] + [f"m{i:02d}/n/o.jpg" for i in range(40)]
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (root / "empty").mkdir()
+    (root / "linked").symlink_to(root / "h")  # not entered, whole or split
+    return files
+
+
+@pytest.mark.parametrize("units", [1, 3, 32])
+def test_a_split_folder_lists_every_file_once(tmp_path, monkeypatch, units):
+    monkeypatch.setattr(sources, "SPLIT_UNITS", units)
+    deep_tree(tmp_path)
+    folder = classify(str(tmp_path), {})
+    split = sources.split_folder(folder, {})
+    assert 1 <= len(split) <= units and all(u.uri == folder.uri for u in split)
+    assert len(split) == min(units, 42) or units == 1  # 42 sub-folders once the root is opened
+    assert by_uri(listed_units(split, {})) == found_by_fsspec(str(tmp_path), {})
+
+
+def test_a_folder_is_opened_a_level_at_a_time_and_big_folders_stay_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "SPLIT_ENTRIES", 25)
+    monkeypatch.setattr(sources, "SPLIT_REQUESTS", 8)
+    names = [f"x/{i:02d}/img.jpg" for i in range(20)] + [f"y/{i:02d}.jpg" for i in range(30)] + ["top.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    split = sources.split_folder(classify(str(tmp_path), {}), {})
+    # root and x, y opened (3 requests); x's 20 folders would take 20 more: they are the units,
+    # with y (30 entries, too many to open) listed whole by the last
+    starts = [[os.path.relpath(unit, tmp_path) for unit in u.start] for u in split]
+    assert sorted(starts[:-1]) == [[f"x/{i:02d}"] for i in range(20)] and starts[-1] == ["y"]
+    assert [r["uri"] for r in split[0].rows] == [f"file://{tmp_path}/top.png"]
+    assert by_uri(listed_units(split, {})) == found_by_fsspec(str(tmp_path), {})
+
+
+def test_a_folder_with_too_many_entries_to_open_stays_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "SPLIT_ENTRIES", 20)
+    deep_tree(tmp_path)
+    folder = classify(str(tmp_path), {})
+    assert sources.split_folder(folder, {}) == [folder]  # 45 entries at its top
+    split = sources.split_folder(classify(str(tmp_path / "b"), {}), {})
+    assert by_uri(listed_units(split, {})) == found_by_fsspec(str(tmp_path / "b"), {})
+
+
+def test_a_split_s3_prefix_lists_every_object_once_for_a_few_requests(s3, s3_endpoint):
+    make_bucket(s3, "ls-nested", NESTED)
+    with FaultyProxy(s3_endpoint) as proxy:
+        opts = {"client_kwargs": {"endpoint_url": proxy.url}}
+        split = sources.split_folder(classify("s3://ls-nested/lake/", opts), opts)
+        opened = len(proxy.requests_seen) - 2  # classify: a HEAD and a LIST
+    assert len(split) == sources.SPLIT_UNITS and 1 <= opened <= sources.SPLIT_REQUESTS
+    assert by_uri(listed_units(split, s3)) == found_by_fsspec("s3://ls-nested/lake", s3)
+
+
+def test_a_split_s3_prefix_of_more_than_a_page_stays_whole(s3):
+    make_bucket(s3, "ls-flat", {f"p/{i:05d}.png": b"" for i in range(2100)} | {"p/readme.md": b""})
+    folder = classify("s3://ls-flat/p", s3)
+    assert sources.split_folder(folder, s3) == [folder]
+
+
+def test_a_split_folder_on_another_filesystem_lists_every_file_once(monkeypatch):
+    monkeypatch.setattr(sources, "SPLIT_UNITS", 2)
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/split/a.jpg": b"1", "/split/b/c.png": b"22", "/split/b/d/e.tar": b"333", "/split/f/g.jpg": b"4",
+             "/split/h/i/j.jpg": b"5"})
+    split = sources.split_folder(classify("memory://split", {}), {})
+    assert len(split) == 2
+    assert sorted(r["uri"] for r in listed_units(split, {})) == [
+        "memory:///split/a.jpg", "memory:///split/b/c.png", "memory:///split/b/d/e.tar", "memory:///split/f/g.jpg",
+        "memory:///split/h/i/j.jpg"]
+    fs.rm("/split", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # what an input is
 
 
@@ -225,8 +310,8 @@ def test_classify_local(samples, tmp_path):
     root = samples.root
     assert classify(str(root), {}) == sources.Input("prefix", f"file://{root}")
     image = classify(str(root / "street/scene_a.png"), {})
-    assert image.kind == "image" and image.row == found_by_fsspec(str(root / "street/scene_a.png"), {})[0]
-    assert classify(str(root / "shards/shard-000000.tar"), {}).row["is_shard"]
+    assert image.kind == "image" and image.rows == (found_by_fsspec(str(root / "street/scene_a.png"), {})[0],)
+    assert classify(str(root / "shards/shard-000000.tar"), {}).rows[0]["is_shard"]
     for name, kind in (("list.csv.gz", "manifest"), ("l.parquet", "manifest"), ("l.jsonl", "manifest"),
                        ("manifest.json", "inventory")):
         (tmp_path / name).write_bytes(b"")
@@ -244,9 +329,9 @@ def test_classify_s3(s3):
     assert classify("s3://ls-nested/lake", s3) == sources.Input("prefix", "s3://ls-nested/lake")
     assert classify("s3://ls-nested/lake/s001/", s3).kind == "prefix"
     shard = classify("s3://ls-nested/lake/abd/z.tar", s3)
-    assert shard.kind == "shard" and shard.row == {"uri": "s3://ls-nested/lake/abd/z.tar", "size": 1,
-                                                   "version": shard.row["version"], "is_shard": True}
-    assert len(shard.row["version"]) == 32  # the ETag, as the listing gives it
+    assert shard.kind == "shard" and shard.rows[0] == {"uri": "s3://ls-nested/lake/abd/z.tar", "size": 1,
+                                                   "version": shard.rows[0]["version"], "is_shard": True}
+    assert len(shard.rows[0]["version"]) == 32  # the ETag, as the listing gives it
     for uri in ("s3://ls-nested/nothing-here/", "s3://no-such-bucket-here/"):
         with pytest.raises(InputError, match=f"input not found: {uri}"):
             classify(uri, s3)
