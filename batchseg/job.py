@@ -87,8 +87,9 @@ def preflight(job: JobConfig) -> Prepared:
 
 def plan_inputs(job: JobConfig) -> list[Any]:
     """The list stage's units of work, from one metadata request per input (plus a manifest's
-    footer or first line): folders and single files as sources.Input (inputs inside another
-    input dropped, so overlapping inputs list each object once), manifests and S3 Inventory
+    footer or first line, a folder's first levels): folders as sources.Input units
+    (sources.split_folder), single files as one sources.Input (inputs inside another input
+    dropped, so overlapping inputs list each object once), manifests and S3 Inventory
     manifests as their manifests.ManifestPart (one per data file or run of row groups).
 
     Raises ConfigError (one line) for an input that is missing, unreadable or, unless
@@ -100,7 +101,10 @@ def plan_inputs(job: JobConfig) -> list[Any]:
         opts = job.storage_options(uri)
         try:
             unit = sources.classify(uri, opts)
-            parts = manifests.manifest_parts(unit.uri, opts) if unit.kind in ("manifest", "inventory") else [unit]
+            if unit.kind in ("manifest", "inventory"):
+                parts = manifests.manifest_parts(unit.uri, opts)
+            else:
+                parts = sources.split_folder(unit, opts) if unit.kind == "prefix" else [unit]
             if not job.allow_empty and not _any_image(parts, opts):
                 raise ConfigError(f"no images found under {uri} ({', '.join(sources.IMAGE_EXTENSIONS)} or .tar); "
                                   "check the path, or set allow_empty: true (--allow-empty) for scheduled runs")
