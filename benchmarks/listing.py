@@ -3,7 +3,7 @@ streaming one (sources.iter_listing), over the same trees in the same run. Print
 asserts nothing.
 
     python benchmarks/listing.py [--local-keys 1000000] [--s3-keys 100000] [--s3-concurrency 1 16]
-                                 [--s3-latency-ms 50] [--repeat 2] [--keep]
+                                 [--s3-latency-ms 50] [--repeat 2] [--keep] [--pipeline]
 
 - local: a tree of empty files, 1000 per folder (KEYS/4 under each of part0..part3), listed
   whole and part0 alone (a quarter of the keys), so memory can be compared across sizes.
@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PER_FOLDER = 1000
 REPEAT = 1  # --repeat
+PIPELINE = False  # --pipeline
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +111,45 @@ def report(where: str, impl: str, result: dict) -> None:
           + (f"  {result['requests']} LIST requests" if result["requests"] else ""), flush=True)
 
 
+def pipeline_child(root: str, options: str, split: str) -> None:
+    """The pipeline's listing stage (pipeline.listing) over `root` on a fresh local Ray: when
+    rows reach the stage after it, with the folder as one listing unit or as split_folder's."""
+    import numpy as np
+    import ray
+
+    from batchseg import pipeline, sources
+    from batchseg.config import StorageConfig
+    from batchseg.ledger import DoneSet
+
+    storage_options = json.loads(options)
+    endpoint = storage_options.get("client_kwargs", {}).get("endpoint_url")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    start = time.perf_counter()
+    folder = sources.classify(root, storage_options)
+    units = sources.split_folder(folder, storage_options) if split == "split" else [folder]
+    planned = time.perf_counter() - start
+    arrivals = []
+    ds = pipeline.listing(units, StorageConfig(endpoint_url=endpoint), DoneSet(None), 1000)  # few blocks: the driver keeps up
+    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0):
+        arrivals.append((time.perf_counter() - start, len(batch["uri"])))
+    at, counts = np.array(arrivals).T
+    half = at[np.searchsorted(np.cumsum(counts), counts.sum() / 2)]
+    print(json.dumps({"units": len(units), "plan_s": planned, "first_s": at[0], "half_s": half, "all_s": at[-1],
+                      "keys": int(counts.sum())}))
+
+
+def bench_pipeline(root: str, storage_options: dict, where: str) -> None:
+    """First rows out of the listing stage: the folder as one unit against split_folder's units."""
+    for split in ("whole", "split"):
+        out = subprocess.run([sys.executable, __file__, "--pipeline-child", root, json.dumps(storage_options), split],
+                             capture_output=True, text=True, check=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{where:<22} pipeline, {split:<5} {r['units']:>3} unit(s) {r['keys']:>9,d} keys  planned in "
+              f"{r['plan_s']:5.2f} s; rows out: first {r['first_s']:6.2f} s  half {r['half_s']:6.2f} s  "
+              f"all {r['all_s']:6.2f} s", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # local tree
 
@@ -133,6 +173,8 @@ def bench_local(keys: int, keep: bool, where: str | None) -> None:
         for root, name in ((work / "part0", "local part0/"), (work, "local (all)")):
             for impl in ("old", "new"):
                 report(name, impl, measure(impl, str(root), {}))
+        if PIPELINE:
+            bench_pipeline(str(work), {}, "local (all)")
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -187,6 +229,8 @@ def bench_s3(keys: int, concurrency: list[int], latency_ms: float) -> None:
                 report(name, "old", measure("old", root, options))
                 for c in concurrency:
                     report(name, f"new c={c}", measure("new", root, options, c))
+                if PIPELINE and root == "s3://bench/":
+                    bench_pipeline(root, options, name)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -246,14 +290,20 @@ def main() -> None:
                              "seconds where a busy disk takes an hour; listing costs the same CPU as a warm disk)")
     parser.add_argument("--s3-latency-ms", type=float, default=0,
                         help="also list through a proxy that delays each request, as S3's own latency would")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also time the pipeline's listing stage over the whole tree / bucket: the folder as "
+                             "one listing task against split_folder's units (rows out: first, half, all)")
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "ROOT", "OPTIONS"), help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline-child", nargs=3, metavar=("ROOT", "OPTIONS", "SPLIT"), help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-moto", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global REPEAT
-    REPEAT = max(1, args.repeat)
+    global REPEAT, PIPELINE
+    REPEAT, PIPELINE = max(1, args.repeat), args.pipeline
     if args.child:
         child(*args.child, args.concurrency)
+    elif args.pipeline_child:
+        pipeline_child(*args.pipeline_child)
     elif args.serve_moto:
         serve_moto(args.serve_moto, args.s3_keys)
     else:
