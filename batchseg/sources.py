@@ -231,8 +231,11 @@ def split_folder(inp: Input, storage_options: dict[str, Any]) -> list[Input]:
     gives many shorter tasks of similar size, which also list in parallel on every node.
     Files found directly in an opened folder travel as rows of the first unit; a folder with
     more than SPLIT_ENTRIES direct entries is left closed, for a task's own fanned-out listing.
+    S3 and local folders only: other stores' `ls` cannot stop after SPLIT_ENTRIES entries.
     """
     lister, first, _ = _lister(inp.uri, storage_options)
+    if isinstance(lister, _GenericLister):  # its `ls` reads a whole folder: a flat one would be listed here
+        return [inp]
     rows: list[dict[str, Any]] = []
     closed: list[Any] = []  # too big to open here: each listed whole by a task
     level, requests = [first], 0
