@@ -21,9 +21,9 @@ task of the new run with the same fingerprint. A shard is done when all `members
 member entries are done; otherwise it is read again and only the members not done are
 annotated.
 
-Planning (`done_keys`) reads only ledgers -- ~18 bytes per image, never the annotations --
-in one Ray task, not on the driver, and returns the sorted int64 keys that are done for this
-run; listing and read tasks look keys up with np.searchsorted (DoneSet).
+Planning (`plan`, `done_with_figures`) reads only ledgers -- ~18 bytes per image, never the
+annotations -- in one Ray task, not on the driver, and returns the sorted int64 keys that are
+done for this run; listing and read tasks look keys up with np.searchsorted (DoneSet).
 """
 
 from __future__ import annotations
@@ -129,11 +129,11 @@ def plan(output: str, storage_options: dict[str, Any], needed: dict[str, str],
 def done_with_figures(fs, root: str, needed: dict[str, str], retry_failed: bool) -> tuple[np.ndarray, dict[str, Any]]:
     """(sorted (n,) int64 done keys, {"ledger_entries", "runs", "done": images, "done_shards"})."""
     table, runs = read_ledger(fs, root)
-    keys = select_done(table, runs, needed, retry_failed)
-    done_shards = int(np.count_nonzero(find_sorted(keys, _shard_keys(table))[1]))
-    stats = {"ledger_entries": table.num_rows, "runs": len(runs), "done": int(len(keys)) - done_shards,
+    done = done_mask(table, runs, needed, retry_failed)
+    done_shards = int(np.count_nonzero(done & (table["status"].to_numpy() == SHARD)))
+    stats = {"ledger_entries": table.num_rows, "runs": len(runs), "done": int(np.count_nonzero(done)) - done_shards,
              "done_shards": done_shards}
-    return keys, stats
+    return np.sort(table["key"].to_numpy()[done]), stats
 
 
 def read_ledger(fs, root: str) -> tuple[pa.Table, list[dict[str, Any]]]:
@@ -178,10 +178,11 @@ def newest_per_image(table: pa.Table) -> pa.Table:
     return table.take(pa.array(order[last]))
 
 
-def select_done(table: pa.Table, runs: list[dict[str, Any]], needed: dict[str, str], retry_failed: bool) -> np.ndarray:
-    """Sorted keys done for a run whose tasks have fingerprints `needed` (task -> fp)."""
+def done_mask(table: pa.Table, runs: list[dict[str, Any]], needed: dict[str, str], retry_failed: bool) -> np.ndarray:
+    """Per entry of `table` (read_ledger's), (n,) bool: done for a run whose tasks have
+    fingerprints `needed` (task -> fp)."""
     if not table.num_rows:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, bool)
     covers = np.array([all(r["fingerprints"].get(t) == fp for t, fp in needed.items()) for r in runs], bool)
     key, status = table["key"].to_numpy(), table["status"].to_numpy()
     members, same_model = table["members"].to_numpy(), covers[table["run"].to_numpy()]
@@ -190,14 +191,7 @@ def select_done(table: pa.Table, runs: list[dict[str, Any]], needed: dict[str, s
     is_shard = status == SHARD
     if is_shard.any():  # a shard is done when all its members are
         done |= is_shard & (_done_members(key, table["shard"].to_numpy(), done) >= members)
-    return np.sort(key[done])
-
-
-def _shard_keys(table: pa.Table) -> np.ndarray:
-    """The keys of the tar shards' marker entries (one per shard, not per image)."""
-    if not table.num_rows:
-        return np.zeros(0, np.int64)
-    return table["key"].to_numpy()[table["status"].to_numpy() == SHARD]
+    return done
 
 
 def _done_members(key: np.ndarray, shard: np.ndarray, done: np.ndarray) -> np.ndarray:

@@ -154,8 +154,7 @@ def child(what: str, root: str, options: str) -> None:
     if what == "old":
         done = old_done_keys(fs, f"{path}/annotations", False)
     else:
-        table, runs = ledger.read_ledger(fs, path)
-        done = ledger.select_done(table, runs, FINGERPRINTS, False)
+        done, _ = ledger.done_with_figures(fs, path, FINGERPRINTS, False)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_mib": (_rss_kib("VmHWM") - base) / 1024, "done": int(len(done))}))
 

@@ -31,8 +31,7 @@ def _write_run(root, run_id, fingerprints, rows, part=0):
 
 
 def _done(root, needed, retry_failed=False):
-    table, runs = ledger.read_ledger(LocalFileSystem(), str(root))
-    return set(ledger.select_done(table, runs, needed, retry_failed).tolist())
+    return set(ledger.done_with_figures(LocalFileSystem(), str(root), needed, retry_failed)[0].tolist())
 
 
 def test_done_needs_every_task_with_the_same_fingerprint(tmp_path):
