@@ -203,10 +203,11 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     if planned["runs"]:
         log.info("run %s: %d images and %d tar shards were done by earlier runs (ledger of %d runs); those among "
                  "the inputs were skipped", run_id, planned["done"], planned["done_shards"], planned["runs"])
-    summary = report.summary(head, sink.counts, planned, time.time() - started, where, dataset.stats(),
+    stats = dataset.stats()
+    summary = report.summary(head, sink.counts, planned, time.time() - started, where, stats,
                              job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
     held.check()
-    write_text(join(job.output, RUNS, f"{run_id}.stats.txt"), dataset.stats(), opts)
+    write_text(join(job.output, RUNS, f"{run_id}.stats.txt"), stats, opts)
     for name in (f"{RUNS}/{run_id}.json", "run.json"):
         write_json(join(job.output, name), summary, opts)
     return summary
