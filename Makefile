@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/torch.txt
 
 setup: $(VENV)/.installed
 
-# datumaro (the library CVAT's importers run on) imports our CVAT archives in tests/test_exports.py;
+# datumaro (the library CVAT's importers run on) imports our CVAT archives in tests/exports/test_exports.py;
 # its pins clash with ours, so it gets a venv of its own.
 DATUMARO := .venv-datumaro
 $(DATUMARO)/.installed: requirements/datumaro.txt
@@ -33,7 +33,7 @@ demo: samples
 	$(BIN)/batchseg run --config jobs/configs/local-demo.yaml
 	@echo "annotations: out/demo/annotations  summary: out/demo/run.json"
 
-# The Label Studio server tests/test_labelstudio_push.py starts on 127.0.0.1; its pins clash with ours.
+# The Label Studio server tests/exports/test_labelstudio_push.py starts on 127.0.0.1; its pins clash with ours.
 LABELSTUDIO := .venv-labelstudio
 $(LABELSTUDIO)/.installed: requirements/labelstudio.txt
 	$(PYTHON) -m venv $(LABELSTUDIO)

@@ -95,7 +95,7 @@ def install_progress(stream: TextIO | None = None) -> None:
     """Make Ray Data report progress with `ProgressLine` instead of its own bars and blocks.
 
     Ray Data picks its progress display in one internal function with no public hook; Ray is
-    pinned (pyproject.toml), and tests/test_cli_console.py fails if the hook moves.
+    pinned (pyproject.toml), and tests/cli/test_cli_console.py fails if the hook moves.
     """
     from ray.data._internal.execution import streaming_executor
 

@@ -2,13 +2,15 @@
 
 `user_error` turns the exceptions a user's input causes (a missing file, S3 without
 credentials, a bucket that does not exist) into one line that names the fix, so the CLI can
-print it instead of a traceback.
+print it instead of a traceback. `redact` keeps secrets (user-info, pre-signed query
+strings) out of every URI that is printed or recorded.
 """
 
 from __future__ import annotations
 
 import errno
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 S3_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
           "or pass --s3-anon for a public bucket")
@@ -86,3 +88,26 @@ def _endpoint(e: BaseException) -> str:
     url = (getattr(e, "kwargs", None) or {}).get("endpoint_url") or ""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}" if parts.netloc else "(unknown)"
+
+
+_SECRET_QUERY = "[redacted]"
+
+
+def redact(uri: str | None) -> str | None:
+    """A URI without secrets: user-info and query strings (pre-signed URLs carry their
+    signature and credentials there) are removed. Other text passes unchanged."""
+    if not uri or "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = _SECRET_QUERY if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def redact_tree(value: Any) -> Any:
+    """redact() every URI-looking string inside a JSON-like value (a config dump)."""
+    if isinstance(value, dict):
+        return {k: redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(v) for v in value]
+    return redact(value) if isinstance(value, str) else value

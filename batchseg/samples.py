@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from batchseg.encoding import encode_mask
+from batchseg.rows.encoding import encode_mask
 
 BACKGROUND = (128, 128, 128)
 SHAPE_COLORS = {  # pure colour -> (COCO category id, name)

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batchseg.encoding import encode_densepose, encode_instances, encode_panoptic  # noqa: E402
+from batchseg.rows.encoding import encode_densepose, encode_instances, encode_panoptic  # noqa: E402
 from batchseg.predictors.base import CroppedMasks, DensePose, Detections, Panoptic, PanopticSegment  # noqa: E402
 from tests import reference_encoding as reference  # noqa: E402
 
@@ -149,13 +149,13 @@ def encoding_figures(repeat: int) -> None:
 
 
 def _densepose_masks(dp: DensePose):
-    from batchseg.encoding import encode_masks
+    from batchseg.rows.encoding import encode_masks
 
     return encode_masks(dp.masks, np.arange(len(dp.masks)))
 
 
 def _densepose_masks_ref(dp: DensePose, full: np.ndarray):
-    from batchseg.encoding import encode_mask
+    from batchseg.rows.encoding import encode_mask
 
     return [encode_mask(m) for m in full]
 
@@ -296,7 +296,7 @@ def _match(a: Detections, b: Detections) -> tuple[np.ndarray, np.ndarray]:
     """Greedy one-to-one matches (same class, box IoU >= 0.5, highest first) -> (|score deltas|, mask IoUs)."""
     from pycocotools import mask as mask_util
 
-    from batchseg.encoding import encode_masks
+    from batchseg.rows.encoding import encode_masks
 
     if not len(a.scores) or not len(b.scores):
         return np.zeros(0), np.zeros(0)

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 WRITE = """
 import sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq
 from pathlib import Path
-from batchseg.encoding import encode_mask
-from batchseg.schema import ROW, image_id
+from batchseg.rows.encoding import encode_mask
+from batchseg.rows.schema import ROW, image_id
 folder, count = Path(sys.argv[1]), int(sys.argv[2])
 part = folder / "annotations" / "run=20261122T000000Z-0001"
 part.mkdir(parents=True)
@@ -44,7 +44,7 @@ ORDER = """
 import resource, sys, time
 from batchseg.exports.labelstudio import COLUMNS
 from batchseg.exports.labelstudio_push import WorstFirst
-from batchseg.results import open_results
+from batchseg.store.results import open_results
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 with WorstFirst(open_results(sys.argv[1]).rows(COLUMNS), sys.argv[2]) as ordered:

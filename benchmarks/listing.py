@@ -45,7 +45,8 @@ def old_listing(root: str, storage_options: dict):
     sorted; kept here verbatim so the benchmark outlives it."""
     from fsspec.core import url_to_fs
 
-    from batchseg.sources import _version, is_image_name, is_shard_name
+    from batchseg.inputs.names import is_image_name, is_shard_name
+    from batchseg.inputs.sources import _version
 
     fs, path = url_to_fs(root, **storage_options)
     entries = fs.find(path, detail=True, withdirs=False)
@@ -65,7 +66,7 @@ def _rss_kib(field: str) -> int:
 def child(impl: str, root: str, options: str, concurrency: int | None) -> None:
     from fsspec.core import url_to_fs
 
-    from batchseg import sources
+    from batchseg.inputs import sources
 
     storage_options = json.loads(options)
     fs, path = url_to_fs(root, **storage_options)
@@ -117,9 +118,10 @@ def pipeline_child(root: str, options: str, split: str) -> None:
     import numpy as np
     import ray
 
-    from batchseg import pipeline, sources
+    from batchseg.run import pipeline
+    from batchseg.inputs import sources
     from batchseg.config import StorageConfig
-    from batchseg.ledger import DoneSet
+    from batchseg.store.ledger import DoneSet
 
     storage_options = json.loads(options)
     endpoint = storage_options.get("client_kwargs", {}).get("endpoint_url")

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from batchseg import ledger  # noqa: E402
-from batchseg.schema import ROW  # noqa: E402
+from batchseg.rows.schema import ROW  # noqa: E402
 
 FINGERPRINTS = {"instance": "f" * 32}
 
@@ -121,7 +121,7 @@ def _put(root, name: str, data: bytes, fs) -> int:
 
 def realistic_instances(rng):
     """~20 KB of RLE per row: 10 instances with 2 KB of counts each."""
-    from batchseg.schema import INSTANCE
+    from batchseg.rows.schema import INSTANCE
 
     alphabet = np.frombuffer(b"0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz", np.uint8)
 
@@ -191,7 +191,7 @@ def bench_planning_local(root: Path, runs: int, rows_per_run: int) -> None:
 
 
 def bench_reader(root: Path, runs: int, rows_per_run: int) -> None:
-    from batchseg.results import SeenIds, open_results
+    from batchseg.store.results import SeenIds, open_results
 
     results = open_results(str(root))
     oldest = results._runs_newest_first()[-1][1]

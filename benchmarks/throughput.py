@@ -56,7 +56,7 @@ class ZeroCostBackend:
 
     @staticmethod
     def preprocessor(cfg: ModelConfig):
-        from batchseg.imaging import ShortestEdge
+        from batchseg.inputs.imaging import ShortestEdge
 
         return ShortestEdge(800, 1333)
 
@@ -118,9 +118,9 @@ def tight_loop(files: list[Path], out: Path) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batchseg.encoding import encode_instances
-    from batchseg.imaging import decode_rgb
-    from batchseg.schema import ROW, image_id
+    from batchseg.rows.encoding import encode_instances
+    from batchseg.inputs.imaging import decode_rgb
+    from batchseg.rows.schema import ROW, image_id
 
     cfg = ModelConfig(backend="benchmarks.throughput:ZeroCostBackend")
     backend, prep = ZeroCostBackend(cfg, None, "cpu", "fp32"), ZeroCostBackend.preprocessor(cfg)
@@ -164,7 +164,7 @@ def zero_cost_section(args, work: Path) -> None:
 
 
 def actor_section() -> None:
-    from batchseg.stages import Annotate
+    from batchseg.run.stages import Annotate
 
     images, repeat = 16, 5
     cfg = load_config(None, [(["inputs"], ["/x"]), (["output"], "/o"), (["models"], {"instance": {

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchseg.encoding import encode_iuv, encode_mask
-from batchseg.schema import ANNOTATIONS, ROW, RUNS, image_id
+from batchseg.rows.encoding import encode_iuv, encode_mask
+from batchseg.rows.schema import ANNOTATIONS, ROW, RUNS, image_id
 
 RUN_ID = "20261122T000000Z-0001"
 THINGS = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]

@@ -125,7 +125,7 @@ def tv_weights(tmp_path_factory) -> Path:
 
 def run_job(**config):
     """Validate like the CLI does, then run on the already-connected Ray cluster."""
-    from batchseg import job
+    from batchseg.run import job
     from batchseg.config import load_config
 
     cfg = load_config(None, [([key], value) for key, value in config.items()])

@@ -1,7 +1,7 @@
 """Import one of our CVAT archives with datumaro, as CVAT's importer does; print what came in.
 
 Runs inside .venv-datumaro (datumaro's pins clash with the project's), called by
-tests/test_exports.py:  python tests/datumaro_import.py ARCHIVE.zip FORMAT
+tests/exports/test_exports.py:  python tests/datumaro_import.py ARCHIVE.zip FORMAT
 FORMAT: coco_instances | coco_person_keypoints. Prints one JSON object:
   {"labels": [names], "items": {COCO image id: [annotation, ...]}}
 where an annotation is {"type", "label", "group", "score", and "rle" (masks: COCO compressed

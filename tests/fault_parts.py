@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from batchseg.predictors.base import ModelInput
-from batchseg.sink import RunSink
+from batchseg.store.sink import RunSink
 from tests.oracle import ColorKeyBackend
 
 

@@ -1,5 +1,5 @@
 """The full-resolution encoders batchseg shipped before masks were cropped: the reference that
-tests/test_encoding.py checks the crop encoders against and benchmarks/hot_path.py times.
+tests/rows/test_encoding.py checks the crop encoders against and benchmarks/hot_path.py times.
 
 They take full (N, H, W) masks and make one full-image pass per mask or segment. Not part of
 the package: nothing on the hot path may build full masks on the host.
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from batchseg.encoding import _kept, _xywh, encode_iuv, encode_mask
+from batchseg.rows.encoding import _kept, _xywh, encode_iuv, encode_mask
 from batchseg.predictors.base import DensePose, Detections, Panoptic
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchseg.encoding import encode_densepose, encode_instances, encode_keypoints
+from batchseg.rows.encoding import encode_densepose, encode_instances, encode_keypoints
 from batchseg.predictors.base import CroppedMasks, DensePose, Detections, Keypoints
-from batchseg.schema import ROW, image_id
+from batchseg.rows.schema import ROW, image_id
 
 KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
                   "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",

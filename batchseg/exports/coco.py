@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from batchseg.encoding import decode_iuv, decode_panoptic
+from batchseg.rows.encoding import decode_iuv, decode_panoptic
 from batchseg.exports.polygons import PolygonStats
-from batchseg.results import Results
-from batchseg.sources import split_member
-from batchseg.tasks import TASK_TABLE
+from batchseg.store.results import Results
+from batchseg.inputs.sources import split_member
+from batchseg.rows.tasks import TASK_TABLE
 
 COLUMN_FILES = {  # task column -> the files it produces
     "instances": ["instances.json", "instances_results.json"],

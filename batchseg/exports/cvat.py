@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 
 from batchseg.exports.coco import export_coco
-from batchseg.results import Results
+from batchseg.store.results import Results
 
 ARCHIVES = {  # COCO file -> (archive, member path CVAT looks for)
     "instances.json": ("cvat_coco_instances.zip", "annotations/instances_default.json"),

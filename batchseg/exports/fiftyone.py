@@ -23,7 +23,7 @@ arrays). Fields, present where the run had the task:
                     reads COCO keypoints), confidence per point; `score` per person
   densepose         Detections: the person boxes with DensePose's foreground mask
 
-Every label carries `model_version` (batchseg.provenance.model_version) and
+Every label carries `model_version` (batchseg.run.provenance.model_version) and
 `weights_sha256` of the run that produced it (`dynamic=True` declares them for filtering).
 
 Masks follow FiftyOne's instance-mask convention: a 2-D array covering the label's
@@ -55,11 +55,11 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from batchseg.encoding import decode_mask, decode_panoptic
+from batchseg.rows.encoding import decode_mask, decode_panoptic
 from batchseg.exports.coco import columns_present, has_mask
-from batchseg.provenance import model_version
-from batchseg.results import Results
-from batchseg.sources import image_path, split_member
+from batchseg.run.provenance import model_version
+from batchseg.store.results import Results
+from batchseg.inputs.sources import image_path, split_member
 
 COLUMN_TASK = {"instances": "instance", "panoptic": "panoptic", "keypoints": "keypoint", "densepose": "densepose"}
 

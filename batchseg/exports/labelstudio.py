@@ -15,7 +15,7 @@ resolves it -- or rewritten by `url_map` prefixes), `image_id` (the row's stable
 that `batchseg push labelstudio` finds the task by), `batchseg_run` (the run that annotated
 it) and `review_priority` (0..1, higher = look first; null for rows of older runs).
 The prediction's `model_version` is the run's provenance label
-(`batchseg.provenance.model_version`, e.g. `batchseg-0.1.0 instance=mask_rcnn_R_50_FPN_3x@1a2b3c4d`)
+(`batchseg.run.provenance.model_version`, e.g. `batchseg-0.1.0 instance=mask_rcnn_R_50_FPN_3x@1a2b3c4d`)
 and its `score` is 1 - review_priority, so Label Studio's uncertainty sampling (lowest score
 first) serves the same images first as batchseg's review order.
 Instances and segments whose mask is empty are left out (Label Studio cannot show or export
@@ -34,10 +34,10 @@ import numpy as np
 from fsspec.core import url_to_fs
 from label_studio_sdk.converter.brush import mask2rle
 
-from batchseg.encoding import decode_mask
-from batchseg.provenance import model_version as provenance_label
-from batchseg.results import Results
-from batchseg.storage import write_text
+from batchseg.rows.encoding import decode_mask
+from batchseg.run.provenance import model_version as provenance_label
+from batchseg.store.results import Results
+from batchseg.store.storage import write_text
 
 COLUMNS = ["image_uri", "width", "height", "error", "review_priority", "instances", "panoptic", "keypoints"]
 

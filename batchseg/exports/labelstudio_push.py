@@ -51,8 +51,8 @@ from label_studio_sdk.core.api_error import ApiError
 from batchseg.config import ConfigError
 from batchseg.errors import one_line
 from batchseg.exports.labelstudio import COLUMNS, TaskMaker, labeling_config
-from batchseg.results import Results
-from batchseg.storage import write_json
+from batchseg.store.results import Results
+from batchseg.store.storage import write_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

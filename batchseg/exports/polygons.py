@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-from batchseg.encoding import decode_mask
+from batchseg.rows.encoding import decode_mask
 
 
 def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:

@@ -283,18 +283,25 @@ class Backend(Protocol):
     def predict(self, images: list[ModelInput]) -> list[Result]: ...
 
 
+# The built-in backends, found by name like any other: (backend, task) -> "package.module:Class".
+# Imported only when asked for, so this module, which every backend imports, imports none of them.
+BUILTIN_BACKENDS = {
+    ("detectron2", "instance"): "batchseg.predictors.detectron2:Detectron2Backend",
+    ("detectron2", "panoptic"): "batchseg.predictors.detectron2:Detectron2PanopticBackend",
+    ("detectron2", "keypoint"): "batchseg.predictors.detectron2:Detectron2KeypointBackend",
+    ("detectron2", "densepose"): "batchseg.predictors.detectron2:DensePoseBackend",
+    ("torchvision", "instance"): "batchseg.predictors.torchvision:TorchvisionBackend",
+}
+
+
 def backend_class(name: str, task: str = "instance") -> type[Backend]:
     """('detectron2' | 'torchvision' | 'package.module:Class', task) -> the backend class."""
-    if name == "detectron2":
-        from batchseg.predictors import detectron2
-
-        return detectron2.BACKENDS[task]
-    if name == "torchvision":
-        if task != "instance":
-            raise ValueError(f"the torchvision backend does instance segmentation only, not {task}")
-        from batchseg.predictors.torchvision import TorchvisionBackend
-
-        return TorchvisionBackend
+    if ":" not in name:
+        spec = BUILTIN_BACKENDS.get((name, task))
+        if spec is None:
+            tasks = [t for (n, t) in BUILTIN_BACKENDS if n == name]
+            raise ValueError(f"the {name} backend does {', '.join(tasks) or 'no task'} only, not {task}")
+        name = spec
     module, _, attr = name.partition(":")
     return getattr(importlib.import_module(module), attr)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from batchseg.weights import cache_dir, download_once
+from batchseg.predictors.weights import cache_dir, download_once
 
 PINNED_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
 _RAW = f"https://raw.githubusercontent.com/facebookresearch/detectron2/{PINNED_COMMIT}/projects/DensePose/configs/"

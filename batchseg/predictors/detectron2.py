@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from batchseg.config import ModelConfig
-from batchseg.imaging import resize_tensor
+from batchseg.inputs.imaging import resize_tensor
 from batchseg.predictors import checkpoints, densepose_configs
 from batchseg.predictors.base import (
     Categories, Category, CroppedMasks, Detections, DensePose, Keypoints, ModelInput, Panoptic, PanopticSegment,
@@ -454,11 +454,3 @@ def _things_from_metadata(d2cfg, num_classes: int) -> dict[int, Category]:
             raise ValueError(f"cannot map classes {names} of {d2cfg.DATASETS.TEST[0]!r} to dataset ids; give a label_map")
         to_contiguous = {coco_ids[n]: i for i, n in enumerate(names)}
     return {index: Category(int(ds_id), names[index]) for ds_id, index in to_contiguous.items()}
-
-
-BACKENDS = {
-    "instance": Detectron2Backend,
-    "panoptic": Detectron2PanopticBackend,
-    "keypoint": Detectron2KeypointBackend,
-    "densepose": DensePoseBackend,
-}

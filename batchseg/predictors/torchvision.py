@@ -20,7 +20,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from batchseg.config import ModelConfig
-from batchseg.imaging import ShortestEdge
+from batchseg.inputs.imaging import ShortestEdge
 from batchseg.predictors import checkpoints
 from batchseg.predictors.base import (
     Categories, Category, CroppedMasks, Detections, ModelInput, Preprocessor, autocast, load_label_map,

@@ -1,0 +1,90 @@
+"""Poison images end as error rows, never as an endless retry loop.
+
+An image that kills its worker process (a segfault in a decoder, host OOM, a CUDA fault that
+poisons the context) makes Ray restart the worker and retry the same batch, forever by
+default. A small journal actor per run remembers which images were in flight in an attempt
+that never finished. A batch that comes back after such a death is processed one image at a
+time; an image that was in flight alone when its worker died (DEATHS_ALLOWED deaths in all)
+is not tried again: it becomes an error row of kind "model". Progress is guaranteed: every
+retry either finishes or isolates the image that killed it.
+
+Keys are the images' done keys (batchseg.store.ledger.done_key), unique within a run, per stage
+(decode and predict can be fused into one process; each counts its own deaths).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import ray
+
+log = logging.getLogger(__name__)
+DEATHS_ALLOWED = 2  # a batch death, then a death alone: the image is given up
+T = TypeVar("T")
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Journal:
+    """(stage, key) -> the attempt it is in flight in, and -> deaths counted so far."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[tuple[str, int], str] = {}
+        self.deaths: dict[tuple[str, int], int] = {}
+
+    def start(self, keys: Sequence[tuple[str, int]], attempt: str) -> list[int]:
+        """Deaths of each key (a key still in flight under another attempt died with it); when
+        none died, the keys are now in flight under `attempt` (one round trip for the common case)."""
+        deaths = []
+        for key in keys:
+            held = self.in_flight.pop(key, None)
+            if held is not None and held != attempt:
+                self.deaths[key] = self.deaths.get(key, 0) + 1
+            deaths.append(self.deaths.get(key, 0))
+        if not any(deaths):
+            self.begin(keys, attempt)
+        return deaths
+
+    def begin(self, keys: Sequence[tuple[str, int]], attempt: str) -> None:
+        for key in keys:
+            self.in_flight[key] = attempt
+
+    def end(self, keys: Sequence[tuple[str, int]]) -> None:
+        for key in keys:
+            self.in_flight.pop(key, None)
+
+
+def start_journal() -> Any:
+    """The run's journal (driver side); pass its handle to the stages. It lives as long as the
+    driver holds the handle."""
+    return Journal.remote()
+
+
+def guarded(journal: Any, stage: str, keys: Sequence[int], process: Callable[[list[int]], list[T]],
+            given_up: Callable[[int], T]) -> list[T]:
+    """process(indices) for all items at once; after a death, item by item; an item that
+    used up DEATHS_ALLOWED gets given_up(index) instead. Returns one result per key, in order.
+
+    journal None (unit tests, no journal): process everything at once, unguarded.
+    """
+    if journal is None or not keys:
+        return process(list(range(len(keys))))
+    attempt, staged = uuid.uuid4().hex, [(stage, int(k)) for k in keys]
+    deaths = ray.get(journal.start.remote(staged, attempt))
+    if not any(deaths):
+        out = process(list(range(len(keys))))
+        journal.end.remote(staged)
+        return out
+    log.warning("a worker died in %s on this batch of %d before; going one image at a time", stage, len(keys))
+    out = []
+    for i, key in enumerate(staged):
+        if deaths[i] >= DEATHS_ALLOWED:
+            log.error("%s gave up image key %d: its worker died %d times", stage, key[1], deaths[i])
+            out.append(given_up(i))
+            continue
+        ray.get(journal.begin.remote([key], attempt))
+        out.extend(process([i]))
+        journal.end.remote([key])
+    return out
