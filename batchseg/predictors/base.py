@@ -292,6 +292,8 @@ BUILTIN_BACKENDS = {
     ("detectron2", "densepose"): "batchseg.predictors.detectron2:DensePoseBackend",
     ("torchvision", "instance"): "batchseg.predictors.torchvision:TorchvisionBackend",
 }
+_TASK_WORDS = {"instance": "instance segmentation", "panoptic": "panoptic segmentation",
+               "keypoint": "person keypoints", "densepose": "DensePose"}
 
 
 def backend_class(name: str, task: str = "instance") -> type[Backend]:
@@ -299,8 +301,8 @@ def backend_class(name: str, task: str = "instance") -> type[Backend]:
     if ":" not in name:
         spec = BUILTIN_BACKENDS.get((name, task))
         if spec is None:
-            tasks = [t for (n, t) in BUILTIN_BACKENDS if n == name]
-            raise ValueError(f"the {name} backend does {', '.join(tasks) or 'no task'} only, not {task}")
+            tasks = [_TASK_WORDS[t] for (n, t) in BUILTIN_BACKENDS if n == name]
+            raise ValueError(f"the {name} backend does {', '.join(tasks)} only, not {task}")
         name = spec
     module, _, attr = name.partition(":")
     return getattr(importlib.import_module(module), attr)
