@@ -28,8 +28,8 @@ from batchseg.predictors.weights import WeightsError, WeightsRef, is_remote, res
 log = logging.getLogger(__name__)
 
 _INSTALL_HINTS = {
-    "detectron2": "install detectron2 from its official source (README: detectron2 and DensePose) or use backend: torchvision",
-    "densepose": "install DensePose from detectron2's projects/DensePose (README: detectron2 and DensePose)",
+    "detectron2": "install detectron2 from its official source (docs/backends.md: detectron2 and DensePose) or use backend: torchvision",
+    "densepose": "install DensePose from detectron2's projects/DensePose (docs/backends.md: detectron2 and DensePose)",
 }
 
 

@@ -135,7 +135,7 @@ def test_decode_stage_passes_device_jpegs_on_and_decodes_the_rest_as_before():
 def test_actor_decode_gives_the_cpu_rows_sizes_errors_and_close_pixels():
     kinds = list(KINDS)
     rows = read_rows([encoded(k) for k in kinds] + [jpeg(scene(), 6)])
-    two = models(panoptic={"backend": "tests.test_device_decode:SmallerInput"})
+    two = models(panoptic={"backend": "tests.inputs.test_device_decode:SmallerInput"})
     preps, _ = preprocess_plan(two)
     assert preps == [ShortestEdge(64, 96), ShortestEdge(40, 50)]  # two model inputs per image
     cpu = decode_batch(rows, two, LIMIT)

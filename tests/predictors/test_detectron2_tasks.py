@@ -8,7 +8,7 @@ plenty to compare.
 import numpy as np
 import pytest
 
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: detectron2 and DensePose)")
+pytest.importorskip("detectron2", reason="detectron2 is not installed (see docs/backends.md: detectron2 and DensePose)")
 
 import torch  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
