@@ -15,6 +15,7 @@ import pyarrow as pa
 ANNOTATIONS = "annotations"  # OUTPUT/annotations/run=RUN_ID/part-*.parquet: the rows
 RUNS = "runs"  # OUTPUT/runs/RUN_ID.json: each run's report (OUTPUT/run.json: the latest)
 LEDGER = "_ledger"  # OUTPUT/_ledger/: compact keys of what is done (batchseg.store.ledger)
+REVIEWS = "reviews"  # OUTPUT/reviews/pull=PULL_ID/part-*.parquet + reviews/pulls/PULL_ID.json (batchseg.store.reviews)
 ERROR_KINDS = ("content", "model", "transient")  # see docs/schema.md, "error_kind"
 
 SEGMENTATION = pa.struct([
@@ -74,6 +75,27 @@ ROW = pa.schema([
     pa.field("panoptic", _list_of(PANOPTIC_SEGMENT)),
     pa.field("keypoints", _list_of(KEYPOINT_PERSON)),
     pa.field("densepose", _list_of(DENSEPOSE_PERSON)),
+])
+
+
+REVIEW = pa.schema([
+    pa.field("image_id", pa.int64(), nullable=False),  # as in ROW: the run rows' id of the image
+    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),  # upright, pixels (as the run saw the image)
+    pa.field("height", pa.int32()),
+    pa.field("instances", _list_of(INSTANCE)),  # what the annotator submitted; score 1.0
+    pa.field("keypoints", _list_of(KEYPOINT_PERSON)),  # score 1.0; v: 0 absent, 2 placed
+    pa.field("source", pa.string(), nullable=False),  # "human"
+    pa.field("annotator", pa.string()),  # the tool's user (e-mail or id); null if the tool has none
+    pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),  # when the annotation was last saved
+    pa.field("lead_time_s", pa.float64()),  # seconds the annotator spent (Label Studio's lead_time)
+    pa.field("tool", pa.string(), nullable=False),  # "labelstudio" or "coco"
+    pa.field("ls_project", pa.int64()),  # Label Studio ids; null for other tools
+    pa.field("ls_task", pa.int64()),
+    pa.field("ls_annotation", pa.int64()),
+    pa.field("run", pa.string()),  # the batchseg run whose predictions the annotator saw; null if unknown
+    pa.field("model_version", pa.string()),  # that prediction's model_version; null if none was shown
+    pa.field("pull", pa.string(), nullable=False),  # the pull that wrote the row
 ])
 
 

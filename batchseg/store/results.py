@@ -6,6 +6,11 @@ read newest first and an image already seen is skipped, so duplicates within a r
 Rows come one Parquet batch at a time; the only state kept is the set of image ids seen so
 far (8 bytes per image, in sorted levels: see SeenIds). Files that cannot be read as Parquet
 (left torn by an older version, or being written by another tool) are skipped with a warning.
+
+With reviews (`open_results(OUTPUT, reviews=True)`), rows are the merged view: an image's
+newest review (store.reviews) where one exists, its newest prediction otherwise, each with a
+`source` column ("human" or "model"). Review rows come first; their ids seed the set of ids
+seen, so the runs' rows of reviewed images are skipped without being read twice.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from fsspec.core import url_to_fs
 
 from batchseg.config import ConfigError
 from batchseg.errors import one_line
-from batchseg.rows.schema import ANNOTATIONS, LEDGER, RUNS
+from batchseg.rows.schema import ANNOTATIONS, LEDGER, REVIEW, ROW, RUNS
+from batchseg.store.reviews import Reviews, open_reviews
 
 log = logging.getLogger(__name__)
 REQUIRED = ("image_id", "image_uri", "error")  # the columns every batchseg row has
@@ -68,6 +74,7 @@ class Results:
     files: list[str]  # Parquet files, sorted
     run: dict[str, Any]  # the latest run's report (run.json; {} if absent)
     root: str = ""  # the output folder inside `fs` (holds runs/)
+    reviews: Reviews | None = None  # set: rows() is the merged view (module docstring)
     _run_info: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @property
@@ -81,9 +88,11 @@ class Results:
 
     def rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[dict[str, Any]]:
         """Every image once, with its newest row: `image_id`, `run` (the run id) and `columns`
-        (or all columns)."""
+        (or all columns); with reviews, also `source` and a review's row where there is one."""
         columns = None if columns is None else list(dict.fromkeys(["image_id", *columns]))
         seen = SeenIds()
+        if self.reviews is not None:
+            yield from self._review_rows(columns, seen, batch_size)
         for run, files in self._runs_newest_first():
             for path in files:
                 for batch in self._batches(path, columns, batch_size):
@@ -95,7 +104,20 @@ class Results:
                     for row, wanted in zip(batch.to_pylist(), keep):
                         if wanted:
                             row["run"] = run
+                            if self.reviews is not None:
+                                row["source"] = "model"
                             yield row
+
+    def _review_rows(self, columns: list[str] | None, seen: SeenIds, batch_size: int) -> Iterator[dict[str, Any]]:
+        """Reviews as result rows: the columns a review lacks are null (error too: a review is
+        a success), `run` is the run whose predictions the annotator saw. Adds their ids to `seen`."""
+        seen.add(self.reviews.image_ids())
+        names = columns or list(ROW.names)
+        have = [c for c in names if c in REVIEW.names]
+        for review in self.reviews.rows(list(dict.fromkeys([*have, "run"])), batch_size):
+            row = {c: review.get(c) for c in names}
+            row.update(run=review["run"] or "", source="human")
+            yield row
 
     def run_info(self, run_id: str) -> dict[str, Any]:
         """That run's report, OUTPUT/runs/RUN_ID.json ({} if absent): config, provenance, counts."""
@@ -139,10 +161,11 @@ def parquet_files(fs, folder: str) -> list[str]:
                   if p.endswith(".parquet") and not any(s in f"/{p}" for s in skip))
 
 
-def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Results:
+def open_results(uri: str, storage_options: dict[str, Any] | None = None, reviews: bool = False) -> Results:
     """RESULTS as the CLI takes it: an output folder, its annotations/ folder, or one run's
     annotations/run=RUN_ID/ partition (that run only). Raise ConfigError (one line) when `uri`
-    holds no batchseg dataset."""
+    holds no batchseg dataset. reviews: the merged view with the output's reviews (module
+    docstring)."""
     fs, path = url_to_fs(uri.rstrip("/"), **(storage_options or {}))
     name = path.rsplit("/", 1)[-1]
     given_output = name != ANNOTATIONS and not run_of(name) and fs.isdir(f"{path}/{ANNOTATIONS}")
@@ -161,7 +184,9 @@ def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Res
     partition = run_of(folder.rsplit("/", 1)[-1])
     annotations = folder.rsplit("/", 1)[0] if partition else folder
     root = annotations.rsplit("/", 1)[0] if annotations.rsplit("/", 1)[-1] == ANNOTATIONS else annotations
-    return Results(uri=fs.unstrip_protocol(folder), fs=fs, files=files, run=_report(fs, root, partition), root=root)
+    merged = open_reviews(fs.unstrip_protocol(root), storage_options) if reviews else None
+    return Results(uri=fs.unstrip_protocol(folder), fs=fs, files=files, run=_report(fs, root, partition), root=root,
+                   reviews=merged)
 
 
 def _report(fs, root: str, run_id: str = "") -> dict[str, Any]:

@@ -6,14 +6,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from batchseg.rows.schema import DENSEPOSE_PERSON, INSTANCE, KEYPOINT_PERSON, PANOPTIC_SEGMENT, ROW
+from batchseg.rows.schema import DENSEPOSE_PERSON, INSTANCE, KEYPOINT_PERSON, PANOPTIC_SEGMENT, REVIEW, ROW
 
 DOC = (Path(__file__).resolve().parents[2] / "docs/schema.md").read_text()
 
 
 def _documented(heading: str) -> dict[str, str]:
     section = DOC.split(heading, 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^\| `(\w+)` \| ([\w<>]+) \|", section, flags=re.M))
+    return dict(re.findall(r"^\| `(\w+)` \| ([\w<>\[\]=, ]+) \|", section, flags=re.M))
 
 
 def _doc_type(t: pa.DataType) -> str:
@@ -21,6 +21,10 @@ def _doc_type(t: pa.DataType) -> str:
         inner = t.value_type
         return f"list<{'struct' if pa.types.is_struct(inner) else inner}>"
     return "struct" if pa.types.is_struct(t) else str(t)
+
+
+def test_review_columns_are_documented_with_their_types():
+    assert _documented("## Reviews (`reviews/`)") == {f.name: _doc_type(f.type) for f in REVIEW}
 
 
 def test_row_columns_are_documented_with_their_types():
