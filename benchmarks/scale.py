@@ -181,7 +181,7 @@ def bench_planning_local(root: Path, runs: int, rows_per_run: int) -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     base = _rss_kib("VmRSS")
     start = time.perf_counter()
-    keys_ref, stats_ref = ledger.plan.remote(str(root), {}, FINGERPRINTS, False)
+    keys_ref, stats_ref = ray.remote(**ledger.PLAN_TASK)(ledger.plan).remote(str(root), {}, FINGERPRINTS, False)
     stats = ray.get(stats_ref)
     seconds = time.perf_counter() - start
     print(f"    new through Ray (ledger.plan task): {seconds:6.1f} s; driver RSS +{(_rss_kib('VmRSS') - base) / 1024:.0f} MiB "

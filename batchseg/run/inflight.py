@@ -19,14 +19,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import ray
-
 log = logging.getLogger(__name__)
 DEATHS_ALLOWED = 2  # a batch death, then a death alone: the image is given up
 T = TypeVar("T")
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
 class Journal:
     """(stage, key) -> the attempt it is in flight in, and -> deaths counted so far."""
 
@@ -58,8 +55,11 @@ class Journal:
 
 def start_journal() -> Any:
     """The run's journal (driver side); pass its handle to the stages. It lives as long as the
-    driver holds the handle."""
-    return Journal.remote()
+    driver holds the handle. Ray is imported here, not by the module: the stages that call
+    `guarded` run without Ray where there is no journal (benchmarks/gpu.py on a bare GPU box)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=-1)(Journal).remote()
 
 
 def guarded(journal: Any, stage: str, keys: Sequence[int], process: Callable[[list[int]], list[T]],
@@ -71,6 +71,8 @@ def guarded(journal: Any, stage: str, keys: Sequence[int], process: Callable[[li
     """
     if journal is None or not keys:
         return process(list(range(len(keys))))
+    import ray
+
     attempt, staged = uuid.uuid4().hex, [(stage, int(k)) for k in keys]
     deaths = ray.get(journal.start.remote(staged, attempt))
     if not any(deaths):

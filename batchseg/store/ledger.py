@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from fsspec.core import url_to_fs
 
 from batchseg.rows.schema import LEDGER, RUNS
@@ -100,6 +99,8 @@ def _resolve(ref: Any) -> np.ndarray:
     if ref is None:
         return np.zeros(0, np.int64)
     if ref not in _resolved:
+        import ray  # here, not at the top: the stages import this module without Ray on a bare GPU box
+
         _resolved.clear()  # one run at a time per worker process
         _resolved[ref] = ray.get(ref)
     return _resolved[ref]
@@ -118,12 +119,15 @@ def entries(keys: np.ndarray, images: np.ndarray, kinds: list[str | None], shard
                      "members": np.maximum(members, 0).astype(np.int32)}, schema=SCHEMA)
 
 
-@ray.remote(num_returns=2, num_cpus=1, max_retries=3)
 def plan(output: str, storage_options: dict[str, Any], needed: dict[str, str],
          retry_failed: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """Ray task: (sorted done keys for a run needing `needed` task fingerprints, figures)."""
+    """(sorted done keys for a run needing `needed` task fingerprints, figures); run as a Ray
+    task with PLAN_TASK (job.run), so the driver never holds the ledger."""
     fs, root = url_to_fs(output.rstrip("/"), **storage_options)
     return done_with_figures(fs, root, needed, retry_failed)
+
+
+PLAN_TASK = {"num_returns": 2, "num_cpus": 1, "max_retries": 3}  # ray.remote(**PLAN_TASK)(plan)
 
 
 def done_with_figures(fs, root: str, needed: dict[str, str], retry_failed: bool) -> tuple[np.ndarray, dict[str, Any]]:
