@@ -103,6 +103,37 @@ class ModelConfig(_Strict):
         return self
 
 
+class VideoConfig(_Strict):
+    """Which frames of a video input are annotated (docs/video.md). Times are presentation
+    times in seconds; at most one of fps, every_n and keyframes_only (none: every frame)."""
+
+    fps: StrictFloat | StrictInt | None = Field(None, gt=0, description="frames a second, by presentation time")
+    every_n: StrictInt | None = Field(None, gt=0, description="every n-th frame (frame_index % n == 0)")
+    keyframes_only: StrictBool = Field(False, description="only keyframes (decodes nothing else)")
+    max_frames: StrictInt | None = Field(None, gt=0, description="at most this many frames per video")
+    start: StrictFloat | StrictInt = Field(0.0, ge=0, description="first time sampled, seconds")
+    end: StrictFloat | StrictInt | None = Field(None, gt=0, description="sampling stops before this time, seconds")
+    segment_s: StrictFloat | StrictInt = Field(60.0, gt=0, description="seconds of video one read task decodes")
+    track: StrictBool = Field(False, description="link instances across frames into tracks (track_id)")
+    track_iou: StrictFloat = Field(0.3, gt=0, le=1, description="least mask IoU that continues a track")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "VideoConfig":
+        modes = [name for name, on in (("fps", self.fps is not None), ("every_n", self.every_n is not None),
+                                       ("keyframes_only", self.keyframes_only)) if on]
+        if len(modes) > 1:
+            raise ValueError(f"{' and '.join(modes)} both set; choose one sampling mode (or none: every frame)")
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        return self
+
+    def sampling(self) -> str:
+        """The fields that choose frames, as text: part of a video's done key, so that a
+        changed sampling reads the video again (and annotates only frames new under it)."""
+        fields = ("fps", "every_n", "keyframes_only", "max_frames", "start", "end", "segment_s")
+        return ",".join(f"{f}={getattr(self, f)}" for f in fields)
+
+
 class JobConfig(_Strict):
     inputs: list[str] = Field(min_length=1)
     output: str
@@ -126,6 +157,7 @@ class JobConfig(_Strict):
     )
     allow_http_weights: StrictBool = Field(False, description="allow weights over plain http:// without weights_sha256")
     s3: StorageConfig = Field(default_factory=StorageConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     ray_address: str | None = None
 
     @field_validator("tasks")

@@ -38,6 +38,7 @@ from batchseg.inputs.names import (
     INVENTORY_NAME,
     PAGE_ROWS,
     SHARD_EXTENSIONS,
+    VIDEO_EXTENSIONS,
     InputError,
     is_shard_name,
 )
@@ -53,7 +54,7 @@ _ROLES = {  # role -> normalised column names, first present wins
     "is_delete_marker": ("isdeletemarker",),
 }
 _TYPES = {"size": pa.int64(), "is_latest": pa.bool_(), "is_delete_marker": pa.bool_()}  # others: text
-_LISTED = re.compile(r"\.(" + "|".join(e[1:] for e in IMAGE_EXTENSIONS + SHARD_EXTENSIONS) + r")$")
+_LISTED = re.compile(r"\.(" + "|".join(e[1:] for e in IMAGE_EXTENSIONS + SHARD_EXTENSIONS + VIDEO_EXTENSIONS) + r")$")
 _BLOCK = 8 << 20  # bytes per read from the store: bounds memory per open manifest file
 _BATCH_ROWS = 8192  # rows per Arrow batch: a few MB of Python rows at most
 

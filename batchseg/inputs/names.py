@@ -6,6 +6,7 @@ each need them.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 SHARD_EXTENSIONS = (".tar",)
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 INVENTORY_NAME = "manifest.json"
 PAGE_ROWS = 1000  # rows per page a listing yields at most: one S3 list page
@@ -25,3 +26,12 @@ def is_shard_name(name: str) -> bool:
 
 def is_manifest_name(name: str) -> bool:
     return name.lower().endswith(MANIFEST_EXTENSIONS)
+
+
+def is_video_name(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def is_listed_name(name: str) -> bool:
+    """An object a listing keeps: an image, a tar shard or a video."""
+    return name.lower().endswith(IMAGE_EXTENSIONS + SHARD_EXTENSIONS + VIDEO_EXTENSIONS)

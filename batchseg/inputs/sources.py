@@ -1,4 +1,4 @@
-"""Find images and tar shards on any fsspec URI, and read their bytes.
+"""Find images, tar shards and videos on any fsspec URI, and read their bytes.
 
 An input is classified once on the driver (`classify`): a folder / prefix, one image file, one
 tar shard, a manifest file of URIs or an S3 Inventory `manifest.json` (batchseg.inputs.manifests).
@@ -6,7 +6,8 @@ A folder is listed by `iter_listing`, which streams pages of rows while a bounde
 threads fans out over sub-folders, so memory stays flat however many objects lie below it;
 `split_folder` first cuts a folder input into listing units, one Ray task each.
 
-A listed row is either one image file or one tar shard (WebDataset style):
+A listed row is one image file, one tar shard (WebDataset style) or one video file
+(batchseg.inputs.video reads its frames):
 `{"uri": canonical URI, "size": bytes (-1 if unknown), "version": S3 ETag or mtime as text
 ("" if unknown), "is_shard": bool}`. A shard expands into one row per image member when read;
 members are named with fsspec's chained URL `tar://MEMBER::SHARD_URI`, so every `image_uri` in
@@ -33,11 +34,14 @@ from batchseg.inputs.names import (
     IMAGE_EXTENSIONS,
     INVENTORY_NAME,
     MANIFEST_EXTENSIONS,
+    VIDEO_EXTENSIONS,
     PAGE_ROWS,
     InputError,
     is_image_name,
+    is_listed_name,
     is_manifest_name,
     is_shard_name,
+    is_video_name,
 )
 
 
@@ -49,7 +53,7 @@ from batchseg.inputs.names import (
 class Input:
     """One job input, or one listing unit of a folder input (split_folder).
 
-    kind: "prefix" (a folder, listed recursively), "image", "shard", "manifest" (a file of
+    kind: "prefix" (a folder, listed recursively), "image", "shard", "video", "manifest" (a file of
       URIs) or "inventory" (an S3 Inventory manifest.json).
     uri: canonical; for every unit of a split folder, the folder's own URI.
     rows: listing rows known already: an image or shard input's own row, or the files a split
@@ -81,15 +85,17 @@ def classify(uri: str, storage_options: dict[str, Any]) -> Input:
     if info.get("type") == "directory":
         return Input("prefix", canonical)
     name = path.rsplit("/", 1)[-1]
-    if is_image_name(name) or is_shard_name(name):
+    if is_listed_name(name):
         row = {"uri": canonical, "size": _size(info), "version": _version(info), "is_shard": is_shard_name(name)}
-        return Input("shard" if row["is_shard"] else "image", canonical, (row,))
+        kind = "shard" if row["is_shard"] else "video" if is_video_name(name) else "image"
+        return Input(kind, canonical, (row,))
     if name == INVENTORY_NAME:
         return Input("inventory", canonical)
     if is_manifest_name(name):
         return Input("manifest", canonical)
     raise InputError(
         f"input is neither a folder, an image ({' '.join(e[1:] for e in IMAGE_EXTENSIONS)}), a .tar shard, "
+        f"a video ({' '.join(e[1:] for e in VIDEO_EXTENSIONS)}), "
         f"a manifest ({', '.join(MANIFEST_EXTENSIONS)}) nor an S3 Inventory {INVENTORY_NAME}: {uri}"
     )
 
@@ -124,7 +130,7 @@ class ListedBy:
 
     def __init__(self, inputs: Iterable[Input]) -> None:
         self.folders = {self._split(i.uri) for i in inputs if i.kind == "prefix"}
-        self.files = {i.uri for i in inputs if i.kind in ("image", "shard")}
+        self.files = {i.uri for i in inputs if i.kind in ("image", "shard", "video")}
 
     def __call__(self, uri: str) -> bool:
         if uri in self.files:
@@ -421,7 +427,7 @@ def _local_folder(path: str, walk: _Walk) -> None:
                     folders.append(entry.path)
                     continue
                 shard = is_shard_name(entry.name)
-                if not (shard or is_image_name(entry.name)):
+                if not is_listed_name(entry.name):
                     continue
                 st = entry.stat()  # follows a symlink: a linked image is listed as its target
             except FileNotFoundError:  # gone since the folder was read, or a dangling link
@@ -456,7 +462,7 @@ class _GenericLister:
                 continue
             base = name.rsplit("/", 1)[-1]
             shard = is_shard_name(base)
-            if info.get("type", "file") == "file" and (shard or is_image_name(base)):
+            if info.get("type", "file") == "file" and is_listed_name(base):
                 rows.append({"uri": self.fs.unstrip_protocol(name), "size": _size(info), "version": _version(info),
                              "is_shard": shard})
         walk.emit(rows)
@@ -565,7 +571,7 @@ class _S3Lister:
         for c in contents:
             key = c["Key"]
             shard = is_shard_name(key)
-            if shard or is_image_name(key):
+            if is_listed_name(key):
                 rows.append({"uri": self.base + key, "size": int(c.get("Size") or 0),
                              "version": str(c.get("ETag", "")).strip('"'), "is_shard": shard})
         return rows

@@ -75,6 +75,9 @@ ROW = pa.schema([
     pa.field("panoptic", _list_of(PANOPTIC_SEGMENT)),
     pa.field("keypoints", _list_of(KEYPOINT_PERSON)),
     pa.field("densepose", _list_of(DENSEPOSE_PERSON)),
+    pa.field("video_uri", pa.string()),  # a video's frame (or its error row): the video; else null
+    pa.field("frame_index", pa.int32()),  # the frame's place in the video, presentation order from 0
+    pa.field("pts_s", pa.float64()),  # the frame's presentation time, seconds
 ])
 
 

@@ -108,7 +108,8 @@ def plan_inputs(job: JobConfig) -> list[Any]:
             else:
                 parts = sources.split_folder(unit, opts) if unit.kind == "prefix" else [unit]
             if not job.allow_empty and not _any_image(parts, opts):
-                raise ConfigError(f"no images found under {uri} ({', '.join(names.IMAGE_EXTENSIONS)} or .tar); "
+                raise ConfigError(f"no images found under {uri} ({', '.join(names.IMAGE_EXTENSIONS)}, .tar or a video "
+                                  f"{', '.join(names.VIDEO_EXTENSIONS)}); "
                                   "check the path, or set allow_empty: true (--allow-empty) for scheduled runs")
         except names.InputError as e:
             raise ConfigError(str(e)) from None
@@ -196,7 +197,7 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
         log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
         sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
                        fence=held.fence())
-        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref), prepared.weights, journal, prepared.units)
+        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref, run_id, ledger.models_digest(prepared.fingerprints)), prepared.weights, journal, prepared.units)
         pipeline.write(dataset, sink)
         planned = ray.get(planned_ref)
     except BaseException as e:

@@ -15,7 +15,7 @@ import ray
 from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 
 from batchseg.run import stages
-from batchseg.config import JobConfig, StorageConfig
+from batchseg.config import JobConfig, StorageConfig, VideoConfig
 from batchseg.store.ledger import DoneSet
 from batchseg.store.sink import RunSink
 from batchseg.predictors.weights import WeightsRef
@@ -74,9 +74,10 @@ def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, We
     """The run's dataset, not yet executed. `done`: what earlier runs finished (ledger.plan);
     `journal`: the run's in-flight journal (batchseg.run.inflight); `units`: job.plan_inputs."""
     models = {task: job.models[task] for task in job.tasks}
-    ds = listing(units, job.s3, done, job.read_rows_per_block)
+    ds = listing(units, job.s3, done, job.read_rows_per_block, job.video)
     ds = ds.map_batches(  # I/O bound: asks for no CPU, but at most two reads in flight per core
-        stages.read_batch, fn_kwargs={"storage": job.s3, "done": done, "rows_per_batch": job.read_rows_per_block},
+        stages.read_batch, fn_kwargs={"storage": job.s3, "done": done, "rows_per_batch": job.read_rows_per_block,
+                                      "video": job.video},
         batch_size=None, num_cpus=0, compute=TaskPoolStrategy(size=2 * cluster_cpus()),
     )
     on_cpu = where.device == "cpu"
@@ -100,16 +101,18 @@ def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, We
     return ds
 
 
-def listing(units: list[Any], storage: StorageConfig, done: DoneSet, rows_per_block: int) -> Dataset:
-    """The rows to read ({uri, size, version, is_shard}, less what is done), in blocks of
-    `rows_per_block`: one task per unit (a folder's listing unit or a manifest part).
+def listing(units: list[Any], storage: StorageConfig, done: DoneSet, rows_per_block: int,
+            video: VideoConfig = VideoConfig()) -> Dataset:
+    """The rows to read (stages.list_inputs: files less what is done, a video as its segments),
+    in blocks of `rows_per_block`: one task per unit (a folder's listing unit or a manifest part).
 
     A task's rows go on when its output block fills or it ends (Ray Data's buffering), so
     units finish one after another rather than all at the end: half as many at once as the
     cluster has CPUs (each lists with its own threads, and asks for no CPU)."""
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(
-        stages.list_inputs, fn_kwargs={"units": units, "storage": storage, "done": done}, batch_size=1, num_cpus=0,
+        stages.list_inputs, fn_kwargs={"units": units, "storage": storage, "done": done, "video": video},
+        batch_size=1, num_cpus=0,
         compute=TaskPoolStrategy(size=max(2, cluster_cpus() // 2)),
     )
     return ds.repartition(target_num_rows_per_block=rows_per_block)

@@ -2,15 +2,20 @@
 
 Each batch is a dict of equal-length numpy arrays (Ray Data's "numpy" batch format).
 Columns grow as a row moves along:
-  list      uri, size, version, is_shard
-  read      uri, size, version, key, members, data (bytes), error, error_kind
-  decode    uri, size, version, key, members, error, error_kind, height, width,
-            image_0.. ((h, w, 3) uint8 model inputs); with decode_on_device also
+  list      uri, size, version, is_shard, segment, segments, seg_start, seg_end
+  read      uri, size, version, key, members, data (bytes), error, error_kind, shard, frame,
+            pts, pixels (a video frame's (h, w, 3) uint8 RGB; (0, 0, 3) for other rows: a
+            column of arrays apart from the bytes, so Ray Data keeps each column one type)
+  decode    uri, size, version, key, members, shard, frame, pts, error, error_kind, height,
+            width, image_0.. ((h, w, 3) uint8 model inputs); with decode_on_device also
             jpeg (bytes of a JPEG left to the actor's device, else b""), orientation
-  annotate  -> pyarrow Table: schema.ROW plus `_key` and `_members` for the sink
-`key` is the row's done key (batchseg.store.ledger). `members` is -1 for an image and, for the
-marker row a tar shard ends with, the number of images in the shard (the ledger records
-the shard as read). A failure at any stage sets `error` and `error_kind` (batchseg.run.failures)
+  annotate  -> pyarrow Table: schema.ROW plus `_key`, `_members` and `_shard` for the sink
+`key` is the row's done key (batchseg.store.ledger). `members` is -1 for an image and, for a
+marker row, what the marker waits for: a tar shard's marker (after its images) counts them; a
+video segment's marker counts the frames it sent on; a video's marker counts its segments.
+`shard` is the done key of the marker a row counts towards (0: none). A video is listed as one
+row per segment (`segment` >= 0 of `segments`, [seg_start, seg_end) seconds); `frame` and `pts`
+are a frame's frame_index and pts_s (-1 and NaN for other rows). A failure at any stage sets `error` and `error_kind` (batchseg.run.failures)
 and the row rides along to the end; nothing is dropped.
 """
 
@@ -26,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from batchseg.run import failures, inflight
-from batchseg.inputs import manifests, sources
+from batchseg.inputs import manifests, names, sources, video as videos
 from batchseg.rows import review_priority
-from batchseg.config import JobConfig, ModelConfig, StorageConfig
+from batchseg.config import JobConfig, ModelConfig, StorageConfig, VideoConfig
 from batchseg.errors import one_line
 from batchseg.inputs.imaging import DecodeError, decode_jpegs, decode_rgb, device_jpeg_header, orient
 from batchseg.store.ledger import DoneSet, done_key, done_keys_of
@@ -41,14 +46,18 @@ from batchseg.predictors.weights import WeightsRef, fetch
 
 log = logging.getLogger(__name__)
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
-READ_COLUMNS = ("uri", "size", "version", "key", "members", "data", "error", "error_kind")
+READ_COLUMNS = ("uri", "size", "version", "key", "members", "data", "error", "error_kind", "shard", "frame", "pts",
+                "pixels")
+VIDEO_COLUMNS = ("shard", "frame", "pts")  # read_batch adds them (and pixels); batches made elsewhere may lack them
 MAX_READ_BATCH_BYTES = 256 * 2**20  # a read task's output batch: bounded whatever the shard size
 
 
 def list_inputs(batch: dict[str, np.ndarray], units: list[Any], storage: StorageConfig,
-                done: DoneSet) -> Iterator[dict[str, np.ndarray]]:
-    """{"unit": indices into `units`} -> pages of {uri, size, version, is_shard}, less what is
-    done: image files an earlier run wrote at this version, tar shards whose images are all done.
+                done: DoneSet, video: VideoConfig = VideoConfig()) -> Iterator[dict[str, np.ndarray]]:
+    """{"unit": indices into `units`} -> pages of list rows, less what is done: image files an
+    earlier run wrote at this version, tar shards whose images are all done, videos whose
+    sampled frames are all done (video_key). A video not done becomes one row per segment
+    (videos.plan_segments: its header is read here).
 
     A unit is a sources.Input (a folder, listed as pages stream in; or one image / shard) or a
     manifests.ManifestPart (read batch by batch), as job.plan_inputs made them. A manifest row
@@ -64,24 +73,60 @@ def list_inputs(batch: dict[str, np.ndarray], units: list[Any], storage: Storage
                      for page in manifests.read_manifest_part(unit, storage.options(unit.uri)))
         for page in pages:
             if page:
-                yield not_done(_columnar(page), done)
+                yield _segmented(not_done(_columnar(page), done, video), storage, video)
 
 
-def not_done(page: dict[str, np.ndarray], done: DoneSet) -> dict[str, np.ndarray]:
-    keep = ~done.contains(done_keys_of(page["uri"], page["version"]))
+def not_done(page: dict[str, np.ndarray], done: DoneSet, video: VideoConfig) -> dict[str, np.ndarray]:
+    versions = [f"{v}\n{video_marker(video, done)}" if names.is_video_name(u) else v
+                for u, v in zip(page["uri"], page["version"])]
+    keep = ~done.contains(done_keys_of(page["uri"], versions))
     return {k: v[keep] for k, v in page.items()}
 
 
+def video_marker(video: VideoConfig, done: DoneSet) -> str:
+    """What a video's done key adds to its version: the sampling and the run's models."""
+    return f"{video.sampling()}\n{done.models}"
+
+
+def video_key(uri: str, version: str, video: VideoConfig, done: DoneSet) -> int:
+    """The done key of a video: done when every frame its sampling picks is done by these models."""
+    return done_key(uri, f"{version}\n{video_marker(video, done)}")
+
+
+def _segmented(page: dict[str, np.ndarray], storage: StorageConfig, video: VideoConfig) -> dict[str, np.ndarray]:
+    """Each video row of a list page -> one row per segment (its header is read here)."""
+    is_video = [names.is_video_name(str(u)) for u in page["uri"]]
+    if not any(is_video):
+        return page
+    rows = []
+    for i, uri in enumerate(page["uri"]):
+        row = {k: page[k][i] for k in ("uri", "size", "version", "is_shard")}
+        if not is_video[i]:
+            rows.append(row)
+            continue
+        for seg in videos.plan_segments(str(uri), storage.options(str(uri)), video):
+            rows.append({**row, "segment": seg.index, "segments": seg.count, "seg_start": seg.start, "seg_end": seg.end})
+    return _columnar(rows)
+
+
 def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneSet,
-               rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
+               rows_per_batch: int, video: VideoConfig = VideoConfig()) -> Iterator[dict[str, np.ndarray]]:
     """Read each file's bytes; expand each tar shard into its image members (less those already
-    done: a shard can be cut short by a crash), then a marker row counting them. Yields
-    batches of at most `rows_per_batch` rows and MAX_READ_BATCH_BYTES, so a task holds one
-    batch of bytes whatever the shard sizes."""
+    done: a shard can be cut short by a crash), then a marker row counting them; decode each
+    video segment's sampled frames (read_video_segment). Yields batches of at most
+    `rows_per_batch` rows and MAX_READ_BATCH_BYTES, so a task holds one batch of bytes
+    whatever the shard sizes."""
     out = _Batcher(rows_per_batch)
-    for uri, size, version, is_shard in zip(batch["uri"], batch["size"], batch["version"], batch["is_shard"]):
+    segments = batch["segment"] if "segment" in batch else np.full(len(batch["uri"]), -1)
+    for i, (uri, size, version, is_shard) in enumerate(zip(batch["uri"], batch["size"], batch["version"],
+                                                          batch["is_shard"])):
         uri, version = str(uri), str(version)
         opts = storage.options(uri)
+        if segments[i] >= 0:
+            segment = videos.Segment(int(batch["segment"][i]), int(batch["segments"][i]),
+                                     float(batch["seg_start"][i]), float(batch["seg_end"][i]))
+            yield from read_video_segment(out, uri, int(size), version, segment, opts, done, video)
+            continue
         if not is_shard:
             try:
                 data = failures.retry_transient(lambda: sources.read_bytes(uri, opts))
@@ -90,18 +135,48 @@ def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneS
                 yield from out.add(uri, size, version, -1, b"", f"read failed: {one_line(e)}", failures.read_failure_kind(e))
             continue
         seen: set[str] = set()  # a name appended to a tar again (`tar rf`) is one image: its first copy
+        shard = done_key(uri, version)
         try:
             for member_uri, member_size, data in sources.iter_shard(uri, opts):
                 if member_uri in seen:
                     continue
                 seen.add(member_uri)
                 if not done.contains(np.array([done_key(member_uri, version)]))[0]:
-                    yield from out.add(member_uri, member_size, version, -1, data, None, None)
+                    yield from out.add(member_uri, member_size, version, -1, data, None, None, shard=shard)
         except Exception as e:  # the shard becomes an error row; members read so far stay
             yield from out.add(uri, size, version, -1, b"", f"read failed: {one_line(e)}", failures.read_failure_kind(e))
             continue
         yield from out.add(uri, size, version, len(seen), b"", None, None)
     yield from out.flush()
+
+
+def read_video_segment(out: _Batcher, uri: str, size: int, version: str, segment: videos.Segment,
+                       opts: dict[str, Any], done: DoneSet, video: VideoConfig) -> Iterator[dict[str, np.ndarray]]:
+    """One video segment -> its sampled frames not done yet (named `VIDEO#t=SECONDS`), then the
+    segment's marker (`VIDEO#segment=I/N`, counting the frames sent on, keyed by this run so that
+    only they count); segment 0 also sends the video's marker (`VIDEO#segments=N`, keyed by
+    video_key). A video that fails (unsupported codec, corrupt, truncated) keeps the frames it
+    decoded and gets one error row named by the video URI under video_key: a content error
+    marks the video done, so it is recorded once."""
+    whole = video_key(uri, version, video, done)
+    name = f"{uri}#segment={segment.index}/{segment.count}"
+    marker = done_key(name, f"{version}\n{video_marker(video, done)}\n{done.run_id}")
+    sent = 0
+    try:
+        for frame in videos.read_segment(uri, opts, video, segment):
+            furi = videos.frame_uri(uri, frame.pts_s)
+            if done.contains(np.array([done_key(furi, version)]))[0]:
+                continue
+            sent += 1
+            yield from out.add(furi, size, version, -1, b"", None, None, shard=marker, frame=frame.index,
+                               pts=frame.pts_s, pixels=frame.rgb)
+    except Exception as e:
+        yield from out.add(uri, size, version, -1, b"", f"video: {_decode_error(e)}", failures.read_failure_kind(e),
+                           key=whole)
+        return
+    yield from out.add(name, -1, version, sent, b"", None, None, key=marker, shard=whole)
+    if segment.index == 0:
+        yield from out.add(f"{uri}#segments={segment.count}", size, version, segment.count, b"", None, None, key=whole)
 
 
 class _Batcher:
@@ -111,9 +186,12 @@ class _Batcher:
         self.rows_per_batch, self.rows, self.bytes = rows_per_batch, [], 0
 
     def add(self, uri: str, size: int, version: str, members: int, data: bytes, error: str | None,
-            kind: str | None) -> Iterator[dict[str, np.ndarray]]:
-        self.rows.append((uri, int(size), version, done_key(uri, version), members, data, error, kind))
-        self.bytes += len(data)
+            kind: str | None, key: int | None = None, shard: int = 0, frame: int = -1,
+            pts: float = float("nan"), pixels: np.ndarray = _NO_IMAGE) -> Iterator[dict[str, np.ndarray]]:
+        """One read row; `key` defaults to done_key(uri, version)."""
+        key = done_key(uri, version) if key is None else key
+        self.rows.append((uri, int(size), version, key, members, data, error, kind, shard, frame, pts, pixels))
+        self.bytes += len(data) + pixels.nbytes
         if len(self.rows) >= self.rows_per_batch or self.bytes >= MAX_READ_BATCH_BYTES:
             yield from self.flush()
 
@@ -126,6 +204,8 @@ class _Batcher:
                 "version": _object_array(columns[2]), "key": np.asarray(columns[3], np.int64),
                 "members": np.asarray(columns[4], np.int32), "data": _object_array(columns[5]),
                 "error": _object_array(columns[6]), "error_kind": _object_array(columns[7]),
+                "shard": np.asarray(columns[8], np.int64), "frame": np.asarray(columns[9], np.int32),
+                "pts": np.asarray(columns[10], np.float64), "pixels": _object_array(columns[11]),
             }
 
 
@@ -145,14 +225,15 @@ def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], m
     todo = [i for i in range(len(errors)) if errors[i] is None and batch["members"][i] < 0]
     headers = {}
     if jpegs_to_device:
-        headers = {i: header for i in todo if (header := device_jpeg_header(batch["data"][i], max_pixels))}
+        headers = {i: header for i in todo
+                   if not _is_frame(batch, i) and (header := device_jpeg_header(batch["data"][i], max_pixels))}
         todo = [i for i in todo if i not in headers]
     decoded = inflight.guarded(journal, "decode", [int(batch["key"][i]) for i in todo],
-                               lambda idx: [_decode(batch["data"][todo[j]], preprocessors, max_pixels) for j in idx],
+                               lambda idx: [_decode(_source(batch, todo[j]), preprocessors, max_pixels) for j in idx],
                                lambda j: _killed(preprocessors))
     images = [[_NO_IMAGE] * len(errors) for _ in preprocessors]
     heights, widths = np.full(len(errors), -1, np.int32), np.full(len(errors), -1, np.int32)
-    out = {k: batch[k] for k in ("uri", "size", "version", "key", "members")}
+    out = {k: batch[k] for k in ("uri", "size", "version", "key", "members", *VIDEO_COLUMNS) if k in batch}
     if jpegs_to_device:
         for i, header in headers.items():
             heights[i], widths[i] = header.height, header.width
@@ -164,10 +245,20 @@ def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], m
 _Decoded = tuple[list[Any], int, int, str | None, str | None]  # model inputs, height, width, error, error_kind
 
 
-def _decode(data: bytes, preprocessors: list[Preprocessor], max_pixels: int) -> _Decoded:
-    """One image on the CPU: decode_rgb, then each preprocessor; or the one-line error."""
+def _is_frame(batch: dict[str, np.ndarray], i: int) -> bool:
+    return "frame" in batch and batch["frame"][i] >= 0
+
+
+def _source(batch: dict[str, np.ndarray], i: int) -> bytes | np.ndarray:
+    """What row i decodes from: a video frame's pixels, else the file's bytes."""
+    return np.asarray(batch["pixels"][i], np.uint8) if _is_frame(batch, i) else batch["data"][i]
+
+
+def _decode(data: bytes | np.ndarray, preprocessors: list[Preprocessor], max_pixels: int) -> _Decoded:
+    """One image on the CPU: decode_rgb (a video frame comes decoded), then each
+    preprocessor; or the one-line error."""
     try:
-        rgb = decode_rgb(data, max_pixels)
+        rgb = data if isinstance(data, np.ndarray) else decode_rgb(data, max_pixels)
         return [prep(rgb) for prep in preprocessors], *rgb.shape[:2], None, None
     except Exception as e:
         return [_NO_IMAGE] * len(preprocessors), -1, -1, _decode_error(e), failures.decode_failure_kind(e)
@@ -269,6 +360,8 @@ class Annotate:
         n = len(batch["uri"])
         errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
         todo = [i for i in range(n) if errors[i] is None and batch["members"][i] < 0]
+        shards = batch["shard"] if "shard" in batch else np.zeros(n, np.int64)
+        frames = batch["frame"] if "frame" in batch else np.full(n, -1, np.int32)
         outcomes = inflight.guarded(self.journal, "predict", [int(batch["key"][i]) for i in todo],
                                     lambda idx: self._annotate(batch, [todo[j] for j in idx]),
                                     lambda j: ({}, "predict killed its worker repeatedly", failures.MODEL))
@@ -285,8 +378,13 @@ class Annotate:
                 "height": int(batch["height"][i]) if decoded else None,
                 "source_size": int(batch["size"][i]), "source_version": str(batch["version"][i]),
                 "error": errors[i], "error_kind": kinds[i],
-                "_key": int(batch["key"][i]), "_members": int(batch["members"][i]),
+                "_key": int(batch["key"][i]), "_members": int(batch["members"][i]), "_shard": int(shards[i]),
             }
+            if frames[i] >= 0:
+                row.update(video_uri=videos.split_frame_uri(uri)[0], frame_index=int(frames[i]),
+                           pts_s=float(batch["pts"][i]))
+            elif names.is_video_name(uri):  # a video's error row
+                row["video_uri"] = uri
             if errors[i] is None and batch["members"][i] < 0:
                 row.update({TASK_TABLE[task].column: cells[i][task] for task in self.models})
                 row["review_priority"] = review_priority.priority(cells[i], self.thresholds)
@@ -357,7 +455,8 @@ class Annotate:
         return out
 
 
-OUTPUT = ROW.append(pa.field("_key", pa.int64())).append(pa.field("_members", pa.int32()))
+OUTPUT = ROW.append(pa.field("_key", pa.int64())).append(pa.field("_members", pa.int32())).append(
+    pa.field("_shard", pa.int64()))
 
 
 def _free_device_memory() -> None:
@@ -387,8 +486,12 @@ def _object_array(values) -> np.ndarray:
 
 
 def _columnar(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Listing rows -> the list stage's columns."""
+    """Listing rows -> the list stage's columns (a video's segment columns: see the top)."""
     return {
         "uri": _object_array([r["uri"] for r in rows]), "size": np.asarray([r["size"] for r in rows], np.int64),
         "version": _object_array([r["version"] for r in rows]), "is_shard": np.asarray([r["is_shard"] for r in rows], bool),
+        "segment": np.asarray([r.get("segment", -1) for r in rows], np.int32),
+        "segments": np.asarray([r.get("segments", 0) for r in rows], np.int32),
+        "seg_start": np.asarray([r.get("seg_start", 0.0) for r in rows], np.float64),
+        "seg_end": np.asarray([r.get("seg_end", 0.0) for r in rows], np.float64),
     }

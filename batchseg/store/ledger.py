@@ -10,16 +10,20 @@ row it wrote:
 
 `key` is done_key(URI, version) and `image` the image's id (schema.image_id(URI)): only an
 image's newest entry counts, so an image put back to an earlier version is annotated again,
-and a newer failure hides an older success. `shard` is the done key of the tar shard an image
-came from (0 for plain files). `status`: OK, CONTENT (the bytes are not an image: done for
+and a newer failure hides an older success. `shard` is the done key of the marker an entry
+counts towards: the tar shard an image came from, the video segment a frame came from, or the
+video a segment belongs to (0 for plain files). `status`: OK, CONTENT (the bytes are not an image: done for
 every model until the version changes or --retry-failed), MODEL (the model failed: done for
 that model), TRANSIENT (throttling, out of memory: never done, tried again next run), SHARD
-(a tar shard read to its end; `members` counts its distinct images). The
+(a marker: a tar shard read to its end, `members` counting its distinct images; a video
+segment decoded to its end, `members` counting the frames it sent on; a video, `members`
+counting its segments). The
 fingerprints of a run's tasks are in its report, OUTPUT/runs/RUN_ID.json (written when the
 run starts), so an entry is done for a new run only if its run's fingerprints cover every
 task of the new run with the same fingerprint. A shard is done when all `members` of its
 member entries are done; otherwise it is read again and only the members not done are
-annotated.
+annotated. Markers nest one level: a video is done when its segments are, a segment when
+the frames it sent on are (run.stages.read_batch names what each waits for).
 
 Planning (`plan`, `done_with_figures`) reads only ledgers -- ~18 bytes per image, never the
 annotations -- in one Ray task, not on the driver, and returns the sorted int64 keys that are
@@ -77,6 +81,8 @@ class DoneSet:
     """
 
     ref: Any  # ObjectRef of a sorted (n,) int64 array; None = nothing done
+    run_id: str = ""  # the run reading with it: a video segment's marker waits for this run's frames
+    models: str = ""  # models_digest of the run's task fingerprints: a video is done per model
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """(n,) int64 -> (n,) bool."""
@@ -193,9 +199,16 @@ def done_mask(table: pa.Table, runs: list[dict[str, Any]], needed: dict[str, str
     failed_done = ((status == CONTENT) | ((status == MODEL) & same_model)) & (not retry_failed)
     done = ((status == OK) & same_model) | failed_done
     is_shard = status == SHARD
-    if is_shard.any():  # a shard is done when all its members are
-        done |= is_shard & (_done_members(key, table["shard"].to_numpy(), done) >= members)
+    if is_shard.any():  # a shard is done when all its members are; a video's members are markers
+        shard, base = table["shard"].to_numpy(), done
+        for _ in range(2):
+            done = base | (is_shard & (_done_members(key, shard, done) >= members))
     return done
+
+
+def models_digest(fingerprints: dict[str, str]) -> str:
+    """A run's task fingerprints ({task: fingerprint}) as one short text."""
+    return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _done_members(key: np.ndarray, shard: np.ndarray, done: np.ndarray) -> np.ndarray:

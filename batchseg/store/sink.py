@@ -27,7 +27,6 @@ from ray.data import Datasink
 
 from batchseg.store import ledger
 from batchseg.rows.schema import ANNOTATIONS, LEDGER, ROW, RUNS
-from batchseg.inputs.sources import split_member
 from batchseg.store.storage import atomic_write
 
 
@@ -70,12 +69,10 @@ class RunSink(Datasink):
 
 
 def ledger_part(table: pa.Table) -> pa.Table:
-    """The ledger entries of a write task's rows (images and shard markers)."""
-    uris, versions = table["image_uri"].to_pylist(), table["source_version"].to_pylist()
-    shards = np.array([ledger.done_key(split_member(u)[0], v or "") if u.startswith("tar://") else 0
-                       for u, v in zip(uris, versions)], np.int64)
+    """The ledger entries of a write task's rows (images, frames and markers; `_shard`: the
+    marker each counts towards, as the read stage named it)."""
     return ledger.entries(table["_key"].to_numpy(), table["image_id"].to_numpy(), table["error_kind"].to_pylist(),
-                          shards, table["_members"].to_numpy())
+                          table["_shard"].to_numpy(), table["_members"].to_numpy())
 
 
 def empty_counts(columns: list[str]) -> dict[str, Any]:
