@@ -143,10 +143,52 @@ def _write_fiftyone(args: argparse.Namespace) -> dict[str, Any]:
     return export_fiftyone(results_of(args), args.dest, storage_config(args).options(args.dest), url_map=url_map)
 
 
+VIDEO_FORMATS = ("youtube-vis", "cvat-video", "cvat-coco-frames", "fiftyone-video", "labelstudio-video")
+
+
+def add_export_video(formats: argparse._SubParsersAction) -> None:
+    parser = _export_format(formats, "video", "video frames and tracks (runs over video inputs)", """  youtube-vis/youtube_vis.json        COCO video instance segmentation, YouTube-VIS layout: a
+                                      track's per-frame RLE masks (--frames: JPEGImages/ too)
+  cvat-video/cvat_video/VIDEO.zip     CVAT for video 1.1: a track per instance track, polygons
+  cvat-coco-frames/cvat_coco_frames.zip  CVAT's COCO 1.0 with the frame images
+  fiftyone-video/                     a FiftyOne video dataset: frames with Detections, index = track
+  labelstudio-video/videos/*.json     Label Studio image tasks, one file per video, frames written
+Frames are decoded again from the videos (VIDEO#t=SECONDS); see docs/video.md.""", _write_video)
+    parser.add_argument("--formats", default=",".join(VIDEO_FORMATS), metavar="A,B",
+                        help=f"which to write (default all): {', '.join(VIDEO_FORMATS)}")
+    parser.add_argument("--frames", action="store_true", help="youtube-vis: write the frame images too")
+
+
+def _write_video(args: argparse.Namespace) -> dict[str, Any]:
+    from batchseg.exports import video
+
+    wanted = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = [f for f in wanted if f not in VIDEO_FORMATS]
+    if unknown or not wanted:
+        raise ConfigError(f"--formats: unknown format {unknown[0] if unknown else '(none)'!r}; choose from "
+                          + ", ".join(VIDEO_FORMATS))
+    results, storage, files = results_of(args), storage_config(args), {}
+    out = args.dest.rstrip("/")
+    writers = {
+        "youtube-vis": lambda d: video.export_youtube_vis(results, d, storage.options(d), storage.options("s3://"),
+                                                          frames=args.frames),
+        "cvat-video": lambda d: video.export_cvat_video(results, d, storage.options(d)),
+        "cvat-coco-frames": lambda d: video.export_cvat_coco_frames(results, d, storage.options(d), storage.options("s3://")),
+        "fiftyone-video": lambda d: video.export_fiftyone_video(results, d, storage.options(d)),
+        "labelstudio-video": lambda d: video.export_labelstudio_video(results, d, storage.options(d),
+                                                                      storage.options("s3://")),
+    }
+    for name in wanted:
+        for file, count in writers[name](f"{out}/{name}")["files"].items():
+            files[f"{name}/{file}"] = count
+    return {"files": files}
+
+
 # One function per format, in the order `export --help` lists them.
 EXPORT_FORMATS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export_coco,
     add_export_labelstudio,
     add_export_cvat,
     add_export_fiftyone,
+    add_export_video,
 ]

@@ -33,6 +33,7 @@ from batchseg.config import StorageConfig
 from batchseg.rows.encoding import decode_iuv, decode_mask
 from batchseg.errors import one_line
 from batchseg.inputs.imaging import DecodeError, decode_rgb
+from batchseg.inputs.video import read_frame, split_frame_uri
 from batchseg.store.results import Results, run_of
 from batchseg.inputs.sources import split_member
 from batchseg.rows.tasks import TASK_TABLE
@@ -274,6 +275,9 @@ def _threshold(results: Results, run: str | None, task: str) -> float | None:
 
 
 def _load(uri: str, storage: StorageConfig) -> np.ndarray:
+    frame = split_frame_uri(uri)
+    if frame:  # VIDEO#t=SECONDS: decoded again from the video
+        return read_frame(uri, storage.options(frame[0]))
     parts = split_member(uri)
     if parts:  # chained URL: the options go to the outer protocol
         shard = parts[0]
@@ -344,7 +348,8 @@ def _banner(image: Image.Image, text: str, font: ImageFont.ImageFont) -> None:
 
 
 def _instances(image, instances, names, skeleton, labels=20):
-    """Masks, boxes and "name score" labels of the `labels` best instances; the rest counted."""
+    """Masks, boxes and "name score" labels ("name #track score" on tracked video frames) of the
+    `labels` best instances; the rest counted."""
     ranked = sorted(instances, key=lambda inst: -inst["score"])
     shown = ranked[:labels]
     for inst in reversed(shown):  # the best instance's mask ends up on top
@@ -355,7 +360,8 @@ def _instances(image, instances, names, skeleton, labels=20):
         x, y, w, h = inst["bbox"]
         draw.rectangle([x, y, x + w, y + h], outline=color(inst["category_id"]), width=2)
     for inst in shown:  # after every box, so no outline crosses a label
-        text = f"{names.get(inst['category_id'], inst['category_id'])} {inst['score']:.2f}"
+        track = f" #{inst['track_id']}" if inst.get("track_id") is not None else ""  # a video frame's track
+        text = f"{names.get(inst['category_id'], inst['category_id'])}{track} {inst['score']:.2f}"
         rect = placer.place(inst["bbox"], text)
         if rect:
             _label(draw, rect, text, color(inst["category_id"]), font)

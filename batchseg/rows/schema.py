@@ -16,6 +16,7 @@ ANNOTATIONS = "annotations"  # OUTPUT/annotations/run=RUN_ID/part-*.parquet: the
 RUNS = "runs"  # OUTPUT/runs/RUN_ID.json: each run's report (OUTPUT/run.json: the latest)
 LEDGER = "_ledger"  # OUTPUT/_ledger/: compact keys of what is done (batchseg.store.ledger)
 REVIEWS = "reviews"  # OUTPUT/reviews/pull=PULL_ID/part-*.parquet + reviews/pulls/PULL_ID.json (batchseg.store.reviews)
+TRACKS = "tracks"  # OUTPUT/tracks/video-VIDEO_ID.parquet: a tracked video's track ids (batchseg.store.tracks)
 ERROR_KINDS = ("content", "model", "transient")  # see docs/schema.md, "error_kind"
 
 SEGMENTATION = pa.struct([
@@ -29,6 +30,7 @@ INSTANCE = pa.struct([
     pa.field("score", pa.float64(), nullable=False),
     pa.field("area", pa.int64(), nullable=False),  # mask area, pixels
     pa.field("segmentation", SEGMENTATION, nullable=False),
+    pa.field("track_id", pa.int32()),  # video frames with video.track: the instance's track (see TRACKS)
 ])
 
 KEYPOINT_PERSON = pa.struct([

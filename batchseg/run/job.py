@@ -12,7 +12,7 @@ from typing import Any
 import ray
 from fsspec.core import url_to_fs
 
-from batchseg.run import inflight, pipeline, provenance, report
+from batchseg.run import inflight, pipeline, provenance, report, tracking
 from batchseg.store import lease, ledger
 from batchseg.inputs import manifests, names, sources
 from batchseg.config import ConfigError, JobConfig
@@ -200,6 +200,7 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
         dataset = pipeline.build(job, where, ledger.DoneSet(done_ref, run_id, ledger.models_digest(prepared.fingerprints)), prepared.weights, journal, prepared.units)
         pipeline.write(dataset, sink)
         planned = ray.get(planned_ref)
+        tracked = tracking.track_run(job, run_id) if job.video.track else None
     except BaseException as e:
         _record_end(join(job.output, RUNS, f"{run_id}.json"), head, e, held, opts)
         raise
@@ -209,6 +210,8 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     stats = dataset.stats()
     summary = report.summary(head, sink.counts, planned, time.time() - started, where, stats,
                              job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
+    if tracked is not None:
+        summary["tracks"] = tracked
     held.check()
     write_text(join(job.output, RUNS, f"{run_id}.stats.txt"), stats, opts)
     for name in (f"{RUNS}/{run_id}.json", "run.json"):

@@ -28,8 +28,9 @@ from fsspec.core import url_to_fs
 
 from batchseg.config import ConfigError
 from batchseg.errors import one_line
-from batchseg.rows.schema import ANNOTATIONS, LEDGER, REVIEW, ROW, RUNS
+from batchseg.rows.schema import ANNOTATIONS, LEDGER, REVIEW, ROW, RUNS, TRACKS
 from batchseg.store.reviews import Reviews, open_reviews
+from batchseg.store.tracks import TrackIds
 
 log = logging.getLogger(__name__)
 REQUIRED = ("image_id", "image_uri", "error")  # the columns every batchseg row has
@@ -88,14 +89,18 @@ class Results:
 
     def rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[dict[str, Any]]:
         """Every image once, with its newest row: `image_id`, `run` (the run id) and `columns`
-        (or all columns); with reviews, also `source` and a review's row where there is one."""
+        (or all columns); with reviews, also `source` and a review's row where there is one; a
+        tracked video frame's instances get their stored `track_id` (store.tracks; read with
+        `video_uri`)."""
         columns = None if columns is None else list(dict.fromkeys(["image_id", *columns]))
+        optional = ["video_uri"] if columns and "instances" in columns and "video_uri" not in columns else []
         seen = SeenIds()
+        tracked = TrackIds(self.fs, self.root)
         if self.reviews is not None:
             yield from self._review_rows(columns, seen, batch_size)
         for run, files in self._runs_newest_first():
             for path in files:
-                for batch in self._batches(path, columns, batch_size):
+                for batch in self._batches(path, columns, batch_size, optional):
                     ids = batch.column("image_id").to_numpy()
                     first = np.zeros(len(ids), bool)  # an id twice in one batch: keep the first
                     first[np.unique(ids, return_index=True)[1]] = True
@@ -106,7 +111,7 @@ class Results:
                             row["run"] = run
                             if self.reviews is not None:
                                 row["source"] = "model"
-                            yield row
+                            yield tracked.fill(row)
 
     def _review_rows(self, columns: list[str] | None, seen: SeenIds, batch_size: int) -> Iterator[dict[str, Any]]:
         """Reviews as result rows: the columns a review lacks are null (error too: a review is
@@ -126,7 +131,9 @@ class Results:
             self._run_info[run_id] = json.loads(self.fs.cat(path)) if run_id and self.fs.exists(path) else {}
         return self._run_info[run_id]
 
-    def _batches(self, path: str, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def _batches(self, path: str, columns: list[str] | None, batch_size: int,
+                 optional: list[str] = ()) -> Iterator[pa.RecordBatch]:
+        """The file's record batches of `columns` (all: None), plus those of `optional` it has."""
         try:
             f = self.fs.open(path, "rb", block_size=READ_BLOCK)
             reader = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads a file's columns whole
@@ -138,6 +145,8 @@ class Results:
             if missing:
                 log.warning("skipping %s: not batchseg's (no %s column)", self.fs.unstrip_protocol(path), sorted(missing)[0])
                 return
+            if columns is not None:
+                columns = columns + [c for c in optional if c in reader.schema_arrow.names]
             yield from reader.iter_batches(batch_size=batch_size, columns=columns)
 
     def _runs_newest_first(self) -> list[tuple[str, list[str]]]:
@@ -156,7 +165,7 @@ def run_of(path: str) -> str:
 def parquet_files(fs, folder: str) -> list[str]:
     """Finished Parquet files under `folder`, sorted (files still being written end otherwise),
     less the run ledgers and reports an output folder also holds."""
-    skip = (f"/{LEDGER}/", f"/{RUNS}/")
+    skip = (f"/{LEDGER}/", f"/{RUNS}/", f"/{TRACKS}/")
     return sorted(p for p in (fs.find(folder) if fs.isdir(folder) else [])
                   if p.endswith(".parquet") and not any(s in f"/{p}" for s in skip))
 

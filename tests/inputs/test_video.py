@@ -233,3 +233,53 @@ def test_a_noop_rerun_on_s3_reads_no_video_bytes(ray_cluster, s3_endpoint, clips
     assert [p for m, p, _ in proxy.requests_seen if m in ("GET", "HEAD") and p.split("?")[0].endswith((".mp4", ".webm"))] == []
     rows = read_rows("s3://videos/out/annotations", client_kwargs={"endpoint_url": s3_endpoint})
     assert sorted({r["video_uri"] for r in rows}) == ["s3://videos/cams/walk.mp4", "s3://videos/cams/walk.webm"]
+
+
+def _tracks_by_color(output: Path) -> dict[int, set[int]]:
+    from batchseg.store.results import open_results
+
+    found: dict[int, set[int]] = {}
+    for row in open_results(str(output)).rows():
+        for instance in row["instances"] or []:
+            found.setdefault(instance["category_id"], set()).add(instance["track_id"])
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_each_shape_keeps_one_track_id_across_frames_and_segment_borders(ray_cluster, clips, tmp_path):
+    run = dict(inputs=[str(clips["mp4"])], output=str(tmp_path / "out"), models={"instance": ORACLE},
+               video={"fps": 4, "segment_s": 0.9, "track": True})
+    summary = run_job(**run)[1]
+    assert summary["tracks"]["videos"] == 1 and summary["tracks"]["frames"] == 12
+    red, green, blue, yellow = (cid for cid, _ in SHAPE_COLORS.values())
+    tracks = _tracks_by_color(tmp_path / "out")
+    assert set(tracks) == {red, green, blue, yellow} and all(len(ids) == 1 for ids in tracks.values())
+    assert len({next(iter(ids)) for ids in tracks.values()}) == 4  # four shapes, four tracks
+    # a denser sampling adds frames; the video is tracked again over all of them, with stored ids
+    assert run_job(**{**run, "video": {**run["video"], "fps": 8}})[1]["tracks"]["frames"] == 24
+    again = _tracks_by_color(tmp_path / "out")
+    assert all(len(ids) == 1 and None not in ids for ids in again.values())
+
+
+def _box_instance(category_id: int, x: int, y: int, size: int = 8) -> dict:
+    from batchseg.rows.encoding import encode_mask
+
+    mask = np.zeros((48, 64), bool)
+    mask[y:y + size, x:x + size] = True
+    return {"category_id": category_id, "segmentation": encode_mask(mask)}
+
+
+def test_tracks_link_by_mask_iou_within_a_category_and_stitch_across_segments():
+    from batchseg.rows import tracks
+
+    # two cars crossing paths (same category), a dog standing still, a person appearing late
+    frames = [[_box_instance(3, 2 + 3 * k, 10), _box_instance(3, 50 - 3 * k, 30), _box_instance(18, 30, 2)]
+              + ([_box_instance(1, 5, 38)] if k >= 4 else []) for k in range(8)]
+    whole = tracks.track_video([frames], 0.3)[0]
+    cut = tracks.track_video([frames[:3], frames[3:6], frames[6:]], 0.3)  # borders inside every track
+    assert [ids for seg in cut for ids in seg] == whole
+    assert [ids[:3] for ids in whole] == [[1, 2, 3]] * 8 and all(ids[3] == 4 for ids in whole[4:])
+    # a jump too far for IoU >= 0.3 starts a new track; another category never continues one
+    assert tracks.match([_box_instance(3, 0, 0)], [_box_instance(3, 6, 0)], 0.3) == []
+    assert tracks.match([_box_instance(3, 0, 0)], [_box_instance(1, 0, 0)], 0.3) == []
+    assert tracks.match([_box_instance(3, 0, 0)], [_box_instance(3, 1, 0)], 0.3) == [(0, 0)]
