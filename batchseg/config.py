@@ -152,6 +152,9 @@ class JobConfig(_Strict):
     allow_empty: StrictBool = Field(False, description="an input with no images is not an error (scheduled runs)")
     overwrite: StrictBool = Field(False, description="delete earlier runs in the output, annotate everything")
     retry_failed: StrictBool = Field(False, description="annotate again images an earlier run failed on")
+    skip_reviewed: StrictBool = Field(
+        False, description="leave out images people reviewed (OUTPUT/reviews), whatever the models' fingerprint"
+    )
     max_failed_fraction: StrictFloat | None = Field(
         None, ge=0.0, le=1.0, description="exit 3 (failure budget exceeded) when more images than this fail"
     )

@@ -120,7 +120,8 @@ def results_of(args: argparse.Namespace):
     from batchseg.store.results import open_results
 
     with reaching(f"RESULTS {args.results}"):
-        return open_results(args.results, storage_config(args).options(args.results))
+        return open_results(args.results, storage_config(args).options(args.results),
+                            reviews=getattr(args, "reviews", False))
 
 
 def pair(item: str) -> tuple[str, str]:

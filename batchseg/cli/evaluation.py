@@ -116,3 +116,54 @@ def review_command(args: argparse.Namespace) -> int:
             priority = "    -  " if item["review_priority"] is None else f"{item['review_priority']:.4f}"
             print(f"{priority}  {item['image_uri']}  {item['reason']}")
     return EXIT_OK
+
+
+def add_acceptance(commands: argparse._SubParsersAction) -> None:
+    accept = command(
+        commands, "acceptance", help="how good the pre-labels were, against the pulled reviews",
+        description="For every reviewed image (batchseg pull), compare the predictions the annotator saw with "
+                    "what the annotator submitted: kept, edited (class changes apart), deleted and added "
+                    "instances per category and overall, mean IoU, median lead time by edits, COCO AP with the "
+                    "reviews as ground truth, and whether review_priority ranked the edited images first. "
+                    "Prints a table and writes acceptance.json, acceptance.png and acceptance_tasks.parquet "
+                    "(one row per image) to --out.")
+    accept.add_argument("output", metavar="OUTPUT", help="the output folder that holds the runs and reviews/")
+    accept.add_argument("--out", metavar="DIR", help="where the report goes (default: OUTPUT)")
+    accept.add_argument("--kept-iou", type=float, default=0.9, metavar="IOU",
+                        help="a matched instance of the same class at or above this IoU counts as kept")
+    accept.add_argument("--match-iou", type=float, default=0.5, metavar="IOU",
+                        help="the least IoU at which a prediction and a reviewed instance are the same object")
+    accept.add_argument("--no-ap", action="store_true", help="skip COCO AP (it holds every instance in memory)")
+    storage_flags(accept)
+    accept.set_defaults(handler=acceptance_command)
+
+
+def acceptance_command(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fsspec.core import url_to_fs
+
+    from batchseg.evaluation.acceptance import acceptance, draw, format_table
+    from batchseg.store.results import open_results
+    from batchseg.store.reviews import open_reviews
+    from batchseg.store.storage import atomic_write, write_json
+
+    if not 0 < args.match_iou <= args.kept_iou <= 1:
+        raise ConfigError(f"need 0 < --match-iou <= --kept-iou <= 1 (got {args.match_iou} and {args.kept_iou})")
+    storage = storage_config(args)
+    out = (args.out or args.output).rstrip("/")
+    with reaching(f"OUTPUT {args.output}"):
+        results = open_results(args.output, storage.options(args.output))
+        reviews = open_reviews(args.output, storage.options(args.output))
+    with tempfile.TemporaryDirectory(prefix="batchseg-acceptance-") as tmp:
+        tasks = f"{tmp}/acceptance_tasks.parquet"
+        report = acceptance(results, reviews, tasks, args.match_iou, args.kept_iou, with_ap=not args.no_ap)
+        print(format_table(report))
+        with reaching(f"--out {out}"):
+            fs, folder = url_to_fs(out, **storage.options(out))
+            with open(tasks, "rb") as f:
+                atomic_write(fs, f"{folder}/acceptance_tasks.parquet", f.read())
+            atomic_write(fs, f"{folder}/acceptance.png", draw(report))
+            write_json(f"{out}/acceptance.json", report, storage.options(out))
+    print(f"batchseg: acceptance.json, acceptance.png and acceptance_tasks.parquet written to {out}")
+    return EXIT_OK

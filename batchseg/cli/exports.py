@@ -35,6 +35,10 @@ def _export_format(formats: argparse._SubParsersAction, name: str, help: str, wr
     parser = command(formats, name, help=help, description=f"{help}.\n\nWrites into DEST:\n{writes}")
     parser.add_argument("results", metavar="RESULTS", help=RESULTS_HELP)
     parser.add_argument("dest", metavar="DEST", help="folder to write into, local or s3:// (created if absent)")
+    if name != "labelstudio":  # Label Studio gets predictions to review, not reviews
+        parser.add_argument("--reviews", action="store_true",
+                            help="the best labels of the lake: an image's newest review (batchseg pull) where it has "
+                                 "one, its newest prediction otherwise")
     storage_flags(parser)
     parser.set_defaults(handler=lambda args: _export(args, handler))
     return parser

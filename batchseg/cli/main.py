@@ -10,15 +10,16 @@ import warnings
 from collections.abc import Callable
 
 from batchseg.cli.common import DESCRIPTION, EXIT_BAD_INPUT, EXIT_LOCKED, RUN_EXIT_CODES, Parser
-from batchseg.cli.evaluation import add_eval, add_render, add_review
+from batchseg.cli.evaluation import add_acceptance, add_eval, add_render, add_review
 from batchseg.cli.exports import add_export
+from batchseg.cli.pull import add_pull
 from batchseg.cli.push import add_push
 from batchseg.cli.run import add_run
 from batchseg.config import ConfigError
 from batchseg.errors import user_error
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_export, add_eval, add_render, add_review,
-                                                               add_push]
+                                                               add_push, add_pull, add_acceptance]
 
 
 def build_parser() -> argparse.ArgumentParser:

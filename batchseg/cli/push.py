@@ -85,7 +85,8 @@ def push_labelstudio_command(args: argparse.Namespace) -> int:
           f"{' (created)' if project['created'] else ''} at {args.url}")
     chunks = len(receipt["chunks"])
     print(f"batchseg: {stats['tasks']} tasks in {chunks} chunk{'s' * (chunks != 1)}: {tasks['created']} created, "
-          f"{tasks['updated']} updated, {tasks['skipped']} skipped ({receipt['retries']} retries)")
+          f"{tasks['updated']} updated, {tasks['skipped']} skipped, {tasks['annotated']} kept for their annotations "
+          f"({receipt['retries']} retries)")
     print(f"batchseg: left out {stats['failed_images']} failed images and {stats['skipped_empty']} empty masks")
     print(f"batchseg: receipt {receipt['receipt']}")
     return EXIT_OK

@@ -32,7 +32,7 @@ _JOB_FLAGS = {
     "max_failed_fraction": ["max_failed_fraction"],
 }
 _SWITCHES = {"s3_anon": ["s3", "anon"], "overwrite": ["overwrite"], "retry_failed": ["retry_failed"],
-             "allow_empty": ["allow_empty"]}
+             "allow_empty": ["allow_empty"], "skip_reviewed": ["skip_reviewed"]}
 _MODEL_FLAGS = ("backend", "model", "weights", "label_map", "score_threshold", "min_size", "max_size")
 
 
@@ -79,6 +79,8 @@ def add_run(commands: argparse._SubParsersAction) -> None:
     runs = run.add_argument_group("re-runs and failures")
     runs.add_argument("--overwrite", action="store_true", help="delete earlier runs in OUTPUT and annotate everything")
     runs.add_argument("--retry-failed", action="store_true", help="annotate again the images earlier runs failed on")
+    runs.add_argument("--skip-reviewed", action="store_true",
+                      help="leave out images people reviewed (batchseg pull), even when the models changed")
     runs.add_argument("--max-failed-fraction", type=float, metavar="F",
                       help="exit 3 when more than this fraction of images fails, e.g. 0.05 (default: no limit)")
     storage_flags(run)

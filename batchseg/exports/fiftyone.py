@@ -15,7 +15,7 @@ DEST gets FiftyOne's portable JSON layout (`fo.types.LegacyFiftyOneDataset`, whi
 Samples are serialized as `fo.Sample.from_dict` reads them (MongoDB extended JSON for
 arrays). Fields, present where the run had the task:
 
-  image_id, image_uri, run, review_priority      per sample
+  image_id, image_uri, run, review_priority      per sample (and source, exported --reviews)
   instances         Detections: label, bounding_box, mask, confidence
   panoptic          Segmentation (mask_path): category id per pixel, 0 = void
   panoptic_things   Detections: the thing segments with their masks
@@ -25,6 +25,8 @@ arrays). Fields, present where the run had the task:
 
 Every label carries `model_version` (batchseg.run.provenance.model_version) and
 `weights_sha256` of the run that produced it (`dynamic=True` declares them for filtering).
+Exported with reviews (`export fiftyone --reviews`), a sample also has `source`: "human" for an
+image's newest review (its labels have no model_version), "model" otherwise.
 
 Masks follow FiftyOne's instance-mask convention: a 2-D array covering the label's
 bounding box, which FiftyOne maps to pixels as int(W * x) .. int(W * (x + w)). The box
@@ -122,6 +124,8 @@ class _SampleWriter:
                       "metadata": {"_cls": "ImageMetadata", "width": row["width"], "height": row["height"]},
                       "image_id": row["image_id"], "image_uri": row["image_uri"], "run": row["run"],
                       "review_priority": row.get("review_priority")}
+            if "source" in row:  # the merged view (export --reviews): "human" or "model"
+                sample["source"] = row["source"]
             for column in self.columns:
                 if row.get(column) is not None:
                     sample.update(getattr(self, f"_{column}")(row))

@@ -11,7 +11,8 @@
   predictions is skipped; one holding an older run's gets its predictions replaced (Data
   Manager action `delete_tasks_predictions`, then a bulk prediction import) and its data
   updated (`batchseg_run` last: it marks the replacement done). Annotations made by people are
-  never touched. How tasks are found (`lookup`):
+  never touched, and a task with a submitted annotation keeps its predictions: the annotator
+  worked from them (counted as `annotated` in the receipt; cancelled annotations do not count). How tasks are found (`lookup`):
     "query": per chunk, Label Studio's Data Manager `in_list` filter on data.image_id (exact
              64-bit match), LOOKUP_BATCH ids per request. Each query scans the project's
              tasks in Label Studio's database (~0.7 s for 50k tasks on SQLite here).
@@ -61,6 +62,7 @@ TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 LOOKUP_BATCH = 200  # image ids per lookup query (they travel in the URL: ~5 kB)
 INDEX_AFTER_QUERIES = 50  # measured: one query scans all tasks, ~1/60 of what listing them costs
 RECEIPTS = "labelstudio_push"
+TASK_FIELDS = "id,data,total_annotations"  # total_annotations: submitted ones (cancelled ones are counted apart)
 
 
 class PushFailed(RuntimeError):
@@ -121,7 +123,7 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
     finally:
         record.update(finished=_now().isoformat(), stats=make.stats.as_dict())
         chunks = record.get("chunks", [])
-        record["tasks"] = {k: sum(c[k] for c in chunks) for k in ("created", "updated", "skipped")}
+        record["tasks"] = {k: sum(c[k] for c in chunks) for k in ("created", "updated", "skipped", "annotated")}
         record["retries"] = server.retried
         record["receipt"] = receipt_uri
         write_json(receipt_uri, record, storage_options or {})
@@ -208,8 +210,10 @@ def _chunks(rows: WorstFirst, make: TaskMaker, settings: PushSettings) -> Iterat
 class Server:
     """label-studio-sdk calls with bounded retries and one-line errors naming the fix."""
 
-    def __init__(self, client: LabelStudio, url: str, settings: PushSettings) -> None:
+    def __init__(self, client: LabelStudio, url: str, settings: PushSettings,
+                 again: str = "the receipt lists what was pushed, push again to finish") -> None:
         self.client, self.url, self.settings = client, url, settings
+        self.again = again  # what to do when retries run out
         self.title: str | None = None
         self.retried = 0
 
@@ -232,8 +236,7 @@ class Server:
                 if not transient:
                     raise PushFailed(f"Label Studio refused {what}: HTTP {status}: {_body(e)}", status) from None
                 if attempt == self.settings.retries:
-                    raise PushFailed(f"{what} failed after {attempt + 1} tries: {_describe(e)}; "
-                                     "the receipt lists what was pushed, push again to finish") from None
+                    raise PushFailed(f"{what} failed after {attempt + 1} tries: {_describe(e)}; {self.again}") from None
                 self.retried += 1
                 delay = self.settings.backoff_s * 2 ** attempt
                 log.warning("%s: %s; retry %d/%d in %.1f s", what, _describe(e), attempt + 1,
@@ -241,8 +244,9 @@ class Server:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def project(self, project: str, label_config: str) -> tuple[int, bool]:
-        """(project id, created): an int names an existing project, a name is a title."""
+    def project(self, project: str, label_config: str | None) -> tuple[int, bool]:
+        """(project id, created): an int names an existing project, a name is a title (a
+        project made with `label_config` when none has it; with None, a ConfigError)."""
         projects = self.client.projects
         if project.isdigit():
             try:
@@ -268,6 +272,8 @@ class Server:
         self.title = project
         if matches:
             return matches[0].id, False
+        if label_config is None:
+            raise ConfigError(f"no Label Studio project titled {project!r} at {self.url}: check --project (a title or an id)")
         made = self.call("create project", lambda: projects.create(
             title=project, label_config=label_config, description="pre-labels from batchseg"))
         return made.id, True
@@ -276,8 +282,9 @@ class Server:
         info = self.call("read project", lambda: self.client.projects.get(id=project_id))
         return int(info.task_number or 0)
 
-    def find(self, project_id: int, image_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
-        """image id -> [(task id, batchseg_run)] for the tasks that have it (normally one)."""
+    def find(self, project_id: int, image_ids: list[int]) -> dict[int, list[tuple[int, str, bool]]]:
+        """image id -> [(task id, batchseg_run, has a submitted annotation)] for the tasks that
+        have it (normally one)."""
         found: dict[int, list[tuple[int, str]]] = {}
         for start in range(0, len(image_ids), LOOKUP_BATCH):
             batch = image_ids[start:start + LOOKUP_BATCH]
@@ -285,10 +292,11 @@ class Server:
                 "filter": "filter:tasks:data.image_id", "operator": "in_list", "type": "String", "value": batch}]}})
             size = len(batch) + 50
             tasks = self.call("find tasks", lambda: self._first_pages(self.client.tasks.list(
-                project=project_id, query=query, include="id,data", resolve_uri=False, page_size=size), size))
+                project=project_id, query=query, include=TASK_FIELDS, resolve_uri=False, page_size=size), size))
             for task in tasks:
                 data = task.data or {}
-                found.setdefault(data.get("image_id"), []).append((task.id, data.get("batchseg_run") or ""))
+                found.setdefault(data.get("image_id"), []).append(
+                    (task.id, data.get("batchseg_run") or "", bool(task.total_annotations)))
         return found
 
     @staticmethod
@@ -300,11 +308,11 @@ class Server:
 
     def index(self, project_id: int) -> "ProjectIndex":
         """The project's tasks listed once into a ProjectIndex."""
-        def entries() -> Iterator[tuple[int, int, str]]:
-            for task in self.client.tasks.list(project=project_id, include="id,data", resolve_uri=False, page_size=1000):
+        def entries() -> Iterator[tuple[int, int, str, bool]]:
+            for task in self.client.tasks.list(project=project_id, include=TASK_FIELDS, resolve_uri=False, page_size=1000):
                 data = task.data or {}
                 if isinstance(data.get("image_id"), int):  # else not a batchseg task
-                    yield data["image_id"], task.id, data.get("batchseg_run") or ""
+                    yield data["image_id"], task.id, data.get("batchseg_run") or "", bool(task.total_annotations)
 
         return self.call("list tasks", lambda: ProjectIndex(entries()))
 
@@ -319,29 +327,31 @@ class Server:
 
 
 class ProjectIndex:
-    """image_id -> [(task id, batchseg_run)] of a listed project, as arrays sorted by image_id
-    (20 bytes a task; the distinct run ids are few)."""
+    """image_id -> [(task id, batchseg_run, annotated)] of a listed project, as arrays sorted by
+    image_id (21 bytes a task; the distinct run ids are few)."""
 
-    def __init__(self, entries: Iterable[tuple[int, int, str]]) -> None:
-        ids, tasks, runs = array("q"), array("q"), array("i")
+    def __init__(self, entries: Iterable[tuple[int, int, str, bool]]) -> None:
+        ids, tasks, runs, annotated = array("q"), array("q"), array("i"), array("b")
         names: dict[str, int] = {}
-        for image_id, task_id, run in entries:
+        for image_id, task_id, run, has_annotation in entries:
             ids.append(image_id)
             tasks.append(task_id)
             runs.append(names.setdefault(run, len(names)))
+            annotated.append(has_annotation)
         order = np.argsort(np.frombuffer(ids, np.int64), kind="stable")
         self.ids = np.frombuffer(ids, np.int64)[order]
         self.tasks = np.frombuffer(tasks, np.int64)[order]
         self.runs = np.frombuffer(runs, np.int32)[order]
+        self.annotated = np.frombuffer(annotated, np.int8)[order].astype(bool)
         self.names = list(names)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def find(self, image_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
+    def find(self, image_ids: list[int]) -> dict[int, list[tuple[int, str, bool]]]:
         query = np.asarray(image_ids, np.int64)
         lo, hi = np.searchsorted(self.ids, query, "left"), np.searchsorted(self.ids, query, "right")
-        return {int(i): [(int(self.tasks[k]), self.names[self.runs[k]]) for k in range(a, b)]
+        return {int(i): [(int(self.tasks[k]), self.names[self.runs[k]], bool(self.annotated[k])) for k in range(a, b)]
                 for i, a, b in zip(query, lo, hi) if b > a}
 
 
@@ -378,8 +388,10 @@ class Sync:
         else:
             existing = self.server.find(self.project_id, ids) if self.lookup == "query" else {}
         new = [t for t in tasks if t["data"]["image_id"] not in existing]
-        stale = [(task_id, t) for t in tasks for task_id, run in existing.get(t["data"]["image_id"], [])
+        older = [(task_id, t, annotated) for t in tasks for task_id, run, annotated in existing.get(t["data"]["image_id"], [])
                  if run < t["data"]["batchseg_run"]]
+        stale = [(task_id, t) for task_id, t, annotated in older if not annotated]
+        kept = len({id(t) for _, t, annotated in older if annotated} - {id(t) for _, t in stale})
         created = self._create(new)
         self._replace(stale)
         updated = len({id(t) for _, t in stale})
@@ -388,7 +400,8 @@ class Sync:
                 "model_version": t["predictions"][0]["model_version"], "tasks": 0})
             run["tasks"] += 1
         self.chunks.append({"chunk": len(self.chunks), "tasks": len(tasks), "bytes": chunk.nbytes,
-                            "created": created, "updated": updated, "skipped": len(tasks) - created - updated,
+                            "created": created, "updated": updated, "annotated": kept,
+                            "skipped": len(tasks) - created - updated - kept,
                             "retries": self.server.retried - retried,
                             "seconds": round(time.monotonic() - began, 3)})
 

@@ -192,7 +192,8 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
         journal = inflight.start_journal()
         # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the
         # done keys, the predictor actors load their models meanwhile.
-        done_ref, planned_ref = ray.remote(**ledger.PLAN_TASK)(ledger.plan).remote(job.output, opts, prepared.fingerprints, job.retry_failed)
+        done_ref, planned_ref = ray.remote(**ledger.PLAN_TASK)(ledger.plan).remote(
+            job.output, opts, prepared.fingerprints, job.retry_failed, job.skip_reviewed)
         where = pipeline.place(job)
         log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
         sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],

@@ -28,6 +28,11 @@ the frames it sent on are (run.stages.read_batch names what each waits for).
 Planning (`plan`, `done_with_figures`) reads only ledgers -- ~18 bytes per image, never the
 annotations -- in one Ray task, not on the driver, and returns the sorted int64 keys that are
 done for this run; listing and read tasks look keys up with np.searchsorted (DoneSet).
+
+With skip_reviewed, the ids of the images people reviewed (store.reviews: the reviews' image_id
+column, 8 bytes an image) make an image's newest entry done whatever its run's fingerprints
+or status, so the image is left out at the version the ledger knows (a changed file is
+annotated again: the review was of the old one).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from batchseg.rows.schema import LEDGER, RUNS
+from batchseg.store.reviews import open_reviews
 
 log = logging.getLogger(__name__)
 
@@ -125,24 +131,33 @@ def entries(keys: np.ndarray, images: np.ndarray, kinds: list[str | None], shard
                      "members": np.maximum(members, 0).astype(np.int32)}, schema=SCHEMA)
 
 
-def plan(output: str, storage_options: dict[str, Any], needed: dict[str, str],
-         retry_failed: bool) -> tuple[np.ndarray, dict[str, Any]]:
+def plan(output: str, storage_options: dict[str, Any], needed: dict[str, str], retry_failed: bool,
+         skip_reviewed: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """(sorted done keys for a run needing `needed` task fingerprints, figures); run as a Ray
     task with PLAN_TASK (job.run), so the driver never holds the ledger."""
     fs, root = url_to_fs(output.rstrip("/"), **storage_options)
-    return done_with_figures(fs, root, needed, retry_failed)
+    reviewed = open_reviews(output, storage_options).image_ids() if skip_reviewed else None
+    return done_with_figures(fs, root, needed, retry_failed, reviewed)
 
 
 PLAN_TASK = {"num_returns": 2, "num_cpus": 1, "max_retries": 3}  # ray.remote(**PLAN_TASK)(plan)
 
 
-def done_with_figures(fs, root: str, needed: dict[str, str], retry_failed: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """(sorted (n,) int64 done keys, {"ledger_entries", "runs", "done": images, "done_shards"})."""
+def done_with_figures(fs, root: str, needed: dict[str, str], retry_failed: bool,
+                      reviewed: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """(sorted (n,) int64 done keys, {"ledger_entries", "runs", "done": images, "done_shards"},
+    plus "reviewed": images done only because people reviewed them, when `reviewed` (sorted
+    (m,) int64 image ids) is given)."""
     table, runs = read_ledger(fs, root)
     done = done_mask(table, runs, needed, retry_failed)
+    stats: dict[str, Any] = {}
+    if reviewed is not None and table.num_rows:
+        by_people = find_sorted(reviewed, table["image"].to_numpy())[1] & (table["status"].to_numpy() != SHARD)
+        stats["reviewed"] = int(np.count_nonzero(by_people & ~done))
+        done = _with_shards(table, done | by_people)
     done_shards = int(np.count_nonzero(done & (table["status"].to_numpy() == SHARD)))
     stats = {"ledger_entries": table.num_rows, "runs": len(runs), "done": int(np.count_nonzero(done)) - done_shards,
-             "done_shards": done_shards}
+             "done_shards": done_shards, **stats}
     return np.sort(table["key"].to_numpy()[done]), stats
 
 
@@ -194,15 +209,22 @@ def done_mask(table: pa.Table, runs: list[dict[str, Any]], needed: dict[str, str
     if not table.num_rows:
         return np.zeros(0, bool)
     covers = np.array([all(r["fingerprints"].get(t) == fp for t, fp in needed.items()) for r in runs], bool)
-    key, status = table["key"].to_numpy(), table["status"].to_numpy()
-    members, same_model = table["members"].to_numpy(), covers[table["run"].to_numpy()]
+    status, same_model = table["status"].to_numpy(), covers[table["run"].to_numpy()]
     failed_done = ((status == CONTENT) | ((status == MODEL) & same_model)) & (not retry_failed)
     done = ((status == OK) & same_model) | failed_done
+    return _with_shards(table, done)
+
+
+def _with_shards(table: pa.Table, done: np.ndarray) -> np.ndarray:
+    """`done` plus the SHARD entries whose members are all done (a shard is done when all its
+    members are; a video's members are markers, hence two levels)."""
+    status = table["status"].to_numpy()
     is_shard = status == SHARD
-    if is_shard.any():  # a shard is done when all its members are; a video's members are markers
-        shard, base = table["shard"].to_numpy(), done
-        for _ in range(2):
-            done = base | (is_shard & (_done_members(key, shard, done) >= members))
+    if not is_shard.any():
+        return done
+    key, shard, members, base = table["key"].to_numpy(), table["shard"].to_numpy(), table["members"].to_numpy(), done
+    for _ in range(2):
+        done = base | (is_shard & (_done_members(key, shard, done) >= members))
     return done
 
 

@@ -115,13 +115,13 @@ class Results:
 
     def _review_rows(self, columns: list[str] | None, seen: SeenIds, batch_size: int) -> Iterator[dict[str, Any]]:
         """Reviews as result rows: the columns a review lacks are null (error too: a review is
-        a success), `run` is the run whose predictions the annotator saw. Adds their ids to `seen`."""
+        a success), `run` is "" (no model made them) and `pull` names the pull. Adds their ids to `seen`."""
         seen.add(self.reviews.image_ids())
         names = columns or list(ROW.names)
         have = [c for c in names if c in REVIEW.names]
-        for review in self.reviews.rows(list(dict.fromkeys([*have, "run"])), batch_size):
+        for review in self.reviews.rows(list(dict.fromkeys([*have, "pull"])), batch_size):
             row = {c: review.get(c) for c in names}
-            row.update(run=review["run"] or "", source="human")
+            row.update(run="", source="human", pull=review["pull"])
             yield row
 
     def run_info(self, run_id: str) -> dict[str, Any]:

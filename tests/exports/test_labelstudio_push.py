@@ -70,7 +70,7 @@ def test_push_creates_the_project_and_tasks_that_match_the_parquet(output, label
     receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=4)
 
     assert receipt["status"] == "done" and receipt["project"]["created"]
-    assert receipt["tasks"] == {"created": len(rows), "updated": 0, "skipped": 0}
+    assert receipt["tasks"] == {"created": len(rows), "updated": 0, "skipped": 0, "annotated": 0}
     assert receipt["stats"]["failed_images"] == 4 and receipt["rows"] == len(rows) + 4
     assert [c["tasks"] for c in receipt["chunks"]] == [4] * (len(rows) // 4) + ([len(rows) % 4] if len(rows) % 4 else [])
     assert json.loads(Path(receipt["receipt"].removeprefix("file://")).read_text()) == receipt
@@ -106,10 +106,10 @@ def test_push_again_adds_nothing(output, label_studio, client, title):
     rows = _good_rows(output)
     receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=5)
     assert not receipt["project"]["created"] and receipt["lookup"] == "query"
-    assert receipt["tasks"] == {"created": 0, "updated": 0, "skipped": len(rows)}
+    assert receipt["tasks"] == {"created": 0, "updated": 0, "skipped": len(rows), "annotated": 0}
     # by id, and finding tasks through a listing of the project instead of filter queries
     again = _push(output, label_studio.url, label_studio.token, str(receipt["project"]["id"]), lookup="index")
-    assert again["lookup"] == "index" and again["tasks"] == {"created": 0, "updated": 0, "skipped": len(rows)}
+    assert again["lookup"] == "index" and again["tasks"] == {"created": 0, "updated": 0, "skipped": len(rows), "annotated": 0}
     assert len(_tasks(client, receipt["project"]["id"])) == len(rows)
 
 
@@ -123,7 +123,7 @@ def test_a_newer_run_replaces_predictions_not_tasks(threshold, lookup, output, s
     rows = _good_rows(output)
     (new_run,) = {r["run"] for r in rows.values()}
     receipt = _push(output, label_studio.url, label_studio.token, title, chunk_size=6, lookup=lookup)
-    assert receipt["tasks"] == {"created": 0, "updated": len(rows), "skipped": 0}
+    assert receipt["tasks"] == {"created": 0, "updated": len(rows), "skipped": 0, "annotated": 0}
     assert list(receipt["runs"]) == [new_run]
     tasks = _tasks(client, project_id)
     assert len(tasks) == len(rows)
@@ -149,7 +149,7 @@ def test_transient_failures_are_retried_without_duplicates(output, label_studio,
     with FaultyProxy(label_studio.url, fault, refusal=b"Service Unavailable") as proxy:
         receipt = _push(output, proxy.url, label_studio.token, f"{title} flaky", chunk_size=3, backoff_s=0.05)
     assert receipt["status"] == "done" and receipt["retries"] >= 3
-    assert receipt["tasks"] == {"created": len(rows), "updated": 0, "skipped": 0}
+    assert receipt["tasks"] == {"created": len(rows), "updated": 0, "skipped": 0, "annotated": 0}
     assert any(outcome == "after" for *_, outcome in proxy.requests_seen)
     assert len(_tasks(client, receipt["project"]["id"])) == len(rows)  # the lost response made no duplicates
 
@@ -214,7 +214,7 @@ def test_cli_push(output, label_studio, client, title, tmp_path):
     lines = out.stdout.splitlines()
     rows = _good_rows(output)
     assert lines[0].endswith(f"{title} cli' (created) at {label_studio.url}")
-    assert lines[1] == f"batchseg: {len(rows)} tasks in {-(-len(rows) // 8)} chunks: {len(rows)} created, 0 updated, 0 skipped (0 retries)"
+    assert lines[1] == f"batchseg: {len(rows)} tasks in {-(-len(rows) // 8)} chunks: {len(rows)} created, 0 updated, 0 skipped, 0 kept for their annotations (0 retries)"
     assert lines[2] == "batchseg: left out 4 failed images and 0 empty masks"
     assert json.loads((tmp_path / "receipt.json").read_text())["tasks"]["created"] == len(rows)
     env.pop("LABEL_STUDIO_API_KEY")

@@ -96,7 +96,7 @@ def test_the_merged_view_takes_the_human_row_where_there_is_one(lake):
     by_id = {r["image_id"]: r for r in merged}
     assert [by_id[r["image_id"]]["source"] for r in rows] == ["model", "human", "model", "human"]
     assert by_id[rows[1]["image_id"]]["instances"][0]["category_id"] == 18
-    assert by_id[rows[1]["image_id"]]["error"] is None and by_id[rows[1]["image_id"]]["run"] == RUN_ID
+    assert by_id[rows[1]["image_id"]]["error"] is None and by_id[rows[1]["image_id"]]["run"] == ""
     assert by_id[rows[0]["image_id"]]["instances"] == rows[0]["instances"]
     plain = list(open_results(str(lake)).rows(["instances"]))
     assert "source" not in plain[0] and len(plain) == 5
@@ -115,3 +115,53 @@ def test_pulls_on_s3(s3_endpoint, lake):
     got = {r["image_id"]: r for r in open_reviews("s3://reviews-bucket/out", opts).rows(["annotator"])}
     assert {k: v["annotator"] for k, v in got.items()} == {rows[0]["image_id"]: "again@example.com",
                                                            rows[1]["image_id"]: "ann@example.com"}
+
+
+@pytest.mark.timeout(400)
+def test_skip_reviewed_leaves_reviewed_images_out_of_a_rerun_with_new_weights(ray_cluster, samples, tmp_path):
+    """A real local Ray run, reviews of three of its images, then a re-run whose model fingerprint
+    changed (another score threshold): everything is annotated again except the reviewed
+    images, and the content errors, which stay done for every model."""
+    from tests.conftest import read_rows, run_job
+
+    out = tmp_path / "lake"
+    oracle = {"backend": "tests.oracle:ColorKeyBackend", "score_threshold": 0.0}
+    run_job(inputs=[str(samples.root)], output=str(out), tasks=["instance"], models={"instance": oracle})
+    rows = read_rows(str(out / "annotations"))
+    good = [r for r in rows if r["error"] is None]
+    content_errors = sum(r["error_kind"] == "content" for r in rows)
+    reviewed = good[:3]
+    writer = PullWriter(str(out))
+    for r in reviewed:
+        writer.add({**review({**r, "height": r["height"], "width": r["width"]}, 1), "run": None})
+    writer.publish({"tool": "coco"})
+
+    _, report = run_job(inputs=[str(samples.root)], output=str(out), tasks=["instance"], skip_reviewed=True,
+                        models={"instance": {**oracle, "score_threshold": 0.05}})
+    assert report["ledger"]["reviewed"] == 3
+    assert report["images"]["in"] == len(rows) - len(reviewed) - content_errors
+    rerun = {r["image_id"] for r in read_rows(str(out / "annotations" / f"run={report['run_id']}"))}
+    assert not rerun & {r["image_id"] for r in reviewed}
+    merged = {r["image_id"]: r["source"] for r in open_results(str(out), reviews=True).rows(["error"])}
+    assert len(merged) == len(rows) and sum(s == "human" for s in merged.values()) == 3
+
+
+def test_export_with_reviews_writes_the_best_labels_of_the_lake(lake, tmp_path, capsys):
+    import json
+
+    from batchseg.cli.main import main
+
+    rows = [image_row(f"file:///lake/images/street/img{i:03d}.jpg", 60 + i % 3, 80 + i % 4, i) for i in range(4)]
+    pull(lake, [review(rows[2], 1, category_id=18)])
+    assert main(["export", "coco", str(lake), str(tmp_path / "best"), "--reviews"]) == 0
+    assert main(["export", "coco", str(lake), str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    best, model = (json.loads((tmp_path / d / "instances.json").read_text()) for d in ("best", "model"))
+    by_image = {d: {} for d in ("best", "model")}
+    for name, doc in (("best", best), ("model", model)):
+        for ann in doc["annotations"]:
+            by_image[name].setdefault(ann["image_id"], []).append(ann["category_id"])
+    reviewed = rows[2]["image_id"]
+    assert by_image["best"][reviewed] == [18] and by_image["model"][reviewed] == [1, 18]
+    assert {k: v for k, v in by_image["best"].items() if k != reviewed} == \
+        {k: v for k, v in by_image["model"].items() if k != reviewed}
