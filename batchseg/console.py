@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
@@ -91,6 +92,18 @@ def _quiet_ray_data_console() -> None:
             handler.addFilter(lambda record: not record.name.startswith("ray.data._internal.issue_detection"))
 
 
+_image_counter: Callable[[], dict[str, Any]] | None = None
+READ_STAGE = "MapBatches(read_batch)"
+
+
+def count_images_with(counter: Callable[[], dict[str, Any]] | None) -> None:
+    """While a run goes, the progress line counts images with `counter()` (the run's meter:
+    batchseg.run.meter.Meter.counts) rather than rows, which count each tar shard's marker row
+    (and, while listing, a shard as one item). None: back to Ray Data's row counts."""
+    global _image_counter
+    _image_counter = counter
+
+
 def install_progress(stream: TextIO | None = None) -> None:
     """Make Ray Data report progress with `ProgressLine` instead of its own bars and blocks.
 
@@ -112,12 +125,15 @@ def _noop_manager_class():
 
 
 class ProgressLine(_noop_manager_class()):
-    """One line: `batchseg: 1,200/5,000 images (24%), 3.1 images/s, ETA 20m25s`.
+    """One line: `batchseg: 1,200/5,000 images (24%), 3.1 images/s (2 actors, 1.6 each), ETA 20m25s`.
 
-    Images done: rows handed to the last operator (the writer). Total: the rows out of the
-    furthest operator that has finished (the lister's count first, then the reader's, which
-    counts tar members); unknown while listing goes on. The rate counts from the first image
-    done, so model loading does not drag it down.
+    With the run's image counter (count_images_with): images done are the image rows the
+    predictor actors handled; the total is the rows out of the furthest operator that has
+    finished, less the marker rows: the lister's count where it listed no tar shard or video,
+    else the reader's once it has finished (it expands shards and videos into images and
+    frames).
+    Without one: rows handed to the writer, and rows out. Unknown while listing goes on. The
+    rate counts from the first image done, so model loading does not drag it down.
     """
 
     def __init__(self, dataset_id, topology, show_op_progress, verbose_progress, stream: TextIO | None = None,
@@ -131,17 +147,26 @@ class ProgressLine(_noop_manager_class()):
         self._clock = clock
         self._shown_at = -1e9 if self._tty else clock()  # a log gets its first line after LOG_REFRESH_S
         self._first_done: tuple[float, int] | None = None
+        self._counted: dict[str, Any] = {}
         self._width = 0
 
     def counts(self) -> tuple[int, int | None]:
         """(images done, total or None while listing goes on)."""
         if not self._ops:
             return 0, None
-        done = self._ops[-1].metrics.num_row_inputs_received
         finished = [op for op in self._ops[:-1] if op.has_execution_finished()]
-        return done, finished[-1].metrics.rows_task_outputs_generated if finished else None
+        rows = finished[-1].metrics.rows_task_outputs_generated if finished else None
+        if _image_counter is None:
+            return self._ops[-1].metrics.num_row_inputs_received, rows
+        self._counted = _image_counter()
+        names = [op.name for op in self._ops]
+        read_done = READ_STAGE in names and any(op.name == READ_STAGE for op in finished)
+        if read_done:
+            return self._counted["images"], rows - self._counted["markers"]
+        return self._counted["images"], rows if rows is not None and not self._counted["containers_listed"] else None
 
     def line(self) -> str:
+        self._counted: dict[str, Any] = {}
         done, total = self.counts()
         now = self._clock()
         if done and self._first_done is None:
@@ -152,6 +177,8 @@ class ProgressLine(_noop_manager_class()):
         rate = self._rate(now, done)
         if rate:
             text += f", {rate:.3g} images/s"
+            if self._counted.get("images_per_s_per_actor"):
+                text += f" ({self._counted['actors']} actors, {self._counted['images_per_s_per_actor']:.3g} each)"
             if total is not None and total > done:
                 text += f", ETA {_duration((total - done) / rate)}"
         elif total is None:

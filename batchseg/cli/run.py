@@ -155,11 +155,18 @@ def _start_ray(job: JobConfig) -> None:
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
+    """The closing lines: what landed, then where the predictors' time went and the bottleneck."""
     images = summary["images"]
     found = ", ".join(f"{v['total']} {column}" for column, v in summary["found"].items())
-    return (f"batchseg: {images['in']} images, {images['annotated']} annotated, {images['failed']} failed; "
+    text = (f"batchseg: {images['in']} images, {images['annotated']} annotated, {images['failed']} failed; "
             f"found {found} in {summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s) "
             f"-> {summary['annotations']}")
+    pool = summary.get("predictors", {}).get("pool", {})
+    if summary.get("predictors", {}).get("bottleneck"):
+        text += (f"\nbatchseg: {pool['actors']} predictor actor(s), {pool['images_per_s_per_actor']} images/s each; "
+                 f"waiting {pool['waiting']:.0%}, decode {pool['decode']:.0%}, forward {pool['forward']:.0%}, "
+                 f"encode {pool['encode']:.0%} of their time\nbatchseg: {summary['predictors']['bottleneck']}")
+    return text
 
 
 def ray_address(job: JobConfig) -> str | None:

@@ -12,7 +12,8 @@ from typing import Any
 import ray
 from fsspec.core import url_to_fs
 
-from batchseg.run import inflight, pipeline, provenance, report, tracking
+from batchseg import console
+from batchseg.run import inflight, meter, pipeline, provenance, report, tracking
 from batchseg.store import lease, ledger
 from batchseg.inputs import manifests, names, sources
 from batchseg.config import ConfigError, JobConfig
@@ -189,7 +190,7 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     head = _head(job, run_id, prepared, started)
     write_json(join(job.output, RUNS, f"{run_id}.json"), head, opts)
     try:
-        journal = inflight.start_journal()
+        journal, timers = inflight.start_journal(), meter.start_meter()
         # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the
         # done keys, the predictor actors load their models meanwhile.
         done_ref, planned_ref = ray.remote(**ledger.PLAN_TASK)(ledger.plan).remote(
@@ -198,8 +199,13 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
         log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
         sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
                        fence=held.fence())
-        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref, run_id, ledger.models_digest(prepared.fingerprints)), prepared.weights, journal, prepared.units)
-        pipeline.write(dataset, sink)
+        dataset = pipeline.build(job, where, ledger.DoneSet(done_ref, run_id, ledger.models_digest(prepared.fingerprints)),
+                                 prepared.weights, journal, prepared.units, timers)
+        console.count_images_with(lambda: ray.get(timers.counts.remote()))
+        try:
+            pipeline.write(dataset, sink)
+        finally:
+            console.count_images_with(None)
         planned = ray.get(planned_ref)
         tracked = tracking.track_run(job, run_id) if job.video.track else None
     except BaseException as e:
@@ -210,7 +216,8 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
                  "the inputs were skipped", run_id, planned["done"], planned["done_shards"], planned["runs"])
     stats = dataset.stats()
     summary = report.summary(head, sink.counts, planned, time.time() - started, where, stats,
-                             job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"))
+                             job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"),
+                             ray.get(timers.figures.remote()))
     if tracked is not None:
         summary["tracks"] = tracked
     held.check()

@@ -70,14 +70,15 @@ def cluster_cpus() -> int:
 
 
 def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, WeightsRef | None],
-          journal: Any, units: list[Any]) -> Dataset:
+          journal: Any, units: list[Any], meter: Any = None) -> Dataset:
     """The run's dataset, not yet executed. `done`: what earlier runs finished (ledger.plan);
-    `journal`: the run's in-flight journal (batchseg.run.inflight); `units`: job.plan_inputs."""
+    `journal`: the run's in-flight journal (batchseg.run.inflight); `units`: job.plan_inputs;
+    `meter`: where the predictor actors send their timers (batchseg.run.meter; None: nowhere)."""
     models = {task: job.models[task] for task in job.tasks}
-    ds = listing(units, job.s3, done, job.read_rows_per_block, job.video)
+    ds = listing(units, job.s3, done, job.read_rows_per_block, job.video, meter)
     ds = ds.map_batches(  # I/O bound: asks for no CPU, but at most two reads in flight per core
         stages.read_batch, fn_kwargs={"storage": job.s3, "done": done, "rows_per_batch": job.read_rows_per_block,
-                                      "video": job.video},
+                                      "video": job.video, "meter": meter},
         batch_size=None, num_cpus=0, compute=TaskPoolStrategy(size=2 * cluster_cpus()),
     )
     on_cpu = where.device == "cpu"
@@ -90,7 +91,7 @@ def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, We
     ds = ds.map_batches(
         stages.Annotate,
         fn_constructor_kwargs={"job": job, "device": where.device, "weights": weights, "journal": journal,
-                               "decodes": on_cpu},
+                               "decodes": on_cpu, "meter": meter},
         compute=ActorPoolStrategy(min_size=where.actors, max_size=where.max_actors),
         # a call takes a read block (or a forward, if larger) and runs forwards of each task's
         # batch size inside: fewer, larger calls amortise per-call costs and let encoding overlap
@@ -102,7 +103,7 @@ def build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, We
 
 
 def listing(units: list[Any], storage: StorageConfig, done: DoneSet, rows_per_block: int,
-            video: VideoConfig = VideoConfig()) -> Dataset:
+            video: VideoConfig = VideoConfig(), meter: Any = None) -> Dataset:
     """The rows to read (stages.list_inputs: files less what is done, a video as its segments),
     in blocks of `rows_per_block`: one task per unit (a folder's listing unit or a manifest part).
 
@@ -111,7 +112,8 @@ def listing(units: list[Any], storage: StorageConfig, done: DoneSet, rows_per_bl
     cluster has CPUs (each lists with its own threads, and asks for no CPU)."""
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(
-        stages.list_inputs, fn_kwargs={"units": units, "storage": storage, "done": done, "video": video},
+        stages.list_inputs, fn_kwargs={"units": units, "storage": storage, "done": done, "video": video,
+                                       "meter": meter},
         batch_size=1, num_cpus=0,
         compute=TaskPoolStrategy(size=max(2, cluster_cpus() // 2)),
     )

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchseg.run import failures, inflight
+from batchseg.run import meter as run_meter
 from batchseg.inputs import manifests, names, sources, video as videos
 from batchseg.rows import review_priority
 from batchseg.config import JobConfig, ModelConfig, StorageConfig, VideoConfig
@@ -53,7 +56,7 @@ MAX_READ_BATCH_BYTES = 256 * 2**20  # a read task's output batch: bounded whatev
 
 
 def list_inputs(batch: dict[str, np.ndarray], units: list[Any], storage: StorageConfig,
-                done: DoneSet, video: VideoConfig = VideoConfig()) -> Iterator[dict[str, np.ndarray]]:
+                done: DoneSet, video: VideoConfig = VideoConfig(), meter: Any = None) -> Iterator[dict[str, np.ndarray]]:
     """{"unit": indices into `units`} -> pages of list rows, less what is done: image files an
     earlier run wrote at this version, tar shards whose images are all done, videos whose
     sampled frames are all done (video_key). A video not done becomes one row per segment
@@ -62,6 +65,8 @@ def list_inputs(batch: dict[str, np.ndarray], units: list[Any], storage: Storage
     A unit is a sources.Input (a folder, listed as pages stream in; or one image / shard) or a
     manifests.ManifestPart (read batch by batch), as job.plan_inputs made them. A manifest row
     naming an object that a folder or file input of the same run lists too is left to that input.
+    meter: the run's meter (batchseg.run.meter), told how many rows of each page are no image
+    (tar shards, video segments), which the reader expands into images and marker rows.
     """
     listed = sources.ListedBy([u for u in units if isinstance(u, sources.Input)])
     for index in batch["unit"]:
@@ -73,7 +78,11 @@ def list_inputs(batch: dict[str, np.ndarray], units: list[Any], storage: Storage
                      for page in manifests.read_manifest_part(unit, storage.options(unit.uri)))
         for page in pages:
             if page:
-                yield _segmented(not_done(_columnar(page), done, video), storage, video)
+                page = _segmented(not_done(_columnar(page), done, video), storage, video)
+                containers = page["is_shard"] | (page["segment"] >= 0)
+                if meter is not None and containers.any():
+                    run_meter.send(meter, "listed", int(np.count_nonzero(containers)))
+                yield page
 
 
 def not_done(page: dict[str, np.ndarray], done: DoneSet, video: VideoConfig) -> dict[str, np.ndarray]:
@@ -110,7 +119,20 @@ def _segmented(page: dict[str, np.ndarray], storage: StorageConfig, video: Video
 
 
 def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneSet,
-               rows_per_batch: int, video: VideoConfig = VideoConfig()) -> Iterator[dict[str, np.ndarray]]:
+               rows_per_batch: int, video: VideoConfig = VideoConfig(),
+               meter: Any = None) -> Iterator[dict[str, np.ndarray]]:
+    """_read_batch, telling `meter` (the run's meter; None: nobody) how many marker rows it
+    added, so that the progress line counts images only."""
+    markers = 0
+    for block in _read_batch(batch, storage, done, rows_per_batch, video):
+        markers += int(np.count_nonzero(block["members"] >= 0))
+        yield block
+    if meter is not None and markers:
+        run_meter.send(meter, "read", markers)
+
+
+def _read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneSet,
+                rows_per_batch: int, video: VideoConfig) -> Iterator[dict[str, np.ndarray]]:
     """Read each file's bytes; expand each tar shard into its image members (less those already
     done: a shard can be cut short by a crash), then a marker row counting them; decode each
     video segment's sampled frames (read_video_segment). Yields batches of at most
@@ -329,13 +351,17 @@ class Annotate:
     halved down to one image ("transient" if even that fails). A CUDA fault that poisons the
     context ends the process, so Ray starts a fresh actor; the in-flight journal isolates the
     image that caused it.
+
+    Its timers (`times`, batchseg.run.meter.ActorTimes) split its wall time into waiting for
+    input, decoding, the forward and encoding; sent to the run's meter after each call.
     """
 
     def __init__(self, job: JobConfig, device: str, weights: dict[str, WeightsRef | None] | None = None,
-                 journal: Any = None, decodes: bool = False) -> None:
+                 journal: Any = None, decodes: bool = False, meter: Any = None) -> None:
         """weights: per task, what preflight pinned (None: random init); journal: see inflight.
         decodes: batches arrive as read_batch leaves them and are decoded here (decode_batch),
-        so no decoded image crosses a stage boundary (on CPU, where decode shares the cores)."""
+        so no decoded image crosses a stage boundary (on CPU, where decode shares the cores).
+        meter: the run's meter (batchseg.run.meter; None: timers kept here only)."""
         self.models = {task: job.models[task] for task in job.tasks}
         self.decodes, self.max_pixels = decodes, job.max_image_pixels
         self.preprocessors, self.image_column = preprocess_plan(self.models)
@@ -351,12 +377,35 @@ class Annotate:
         self.batch_size = {task: cfg.batch_size or job.batch_size for task, cfg in self.models.items()}
         self.thresholds = {task: cfg.score_threshold for task, cfg in self.models.items()}
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        self.meter, self.actor_id, self.times = meter, uuid.uuid4().hex[:8], run_meter.ActorTimes()
+        self._first: float | None = None  # when the first batch came: start-up is not starving
+        self._idle_since = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        start = time.perf_counter()
+        if self._first is None:
+            self._first = start
+        else:
+            self.times.wait_s += start - self._idle_since
+        table = self._rows(self._decoded(batch))
+        self._idle_since = time.perf_counter()
+        self.times.calls += 1
+        self.times.images += int(np.count_nonzero(batch["members"] < 0))
+        self.times.wall_s = self._idle_since - self._first
+        if self.meter is not None:
+            run_meter.send(self.meter, "actor", self.actor_id, self.times.as_dict())
+        return table
+
+    def _decoded(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
         if self.decodes:
             batch = decode_batch(batch, self.models, self.max_pixels, self.journal)
         if "jpeg" in batch:  # decode_batch left JPEGs to this device (decode_on_device)
             batch = decode_on_device(batch, self.preprocessors, self.max_pixels, self.device, self.journal)
+        self.times.decode_s += time.perf_counter() - start
+        return batch
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
         errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
         todo = [i for i in range(n) if errors[i] is None and batch["members"][i] < 0]
@@ -407,7 +456,9 @@ class Annotate:
             inputs = [ModelInput(str(batch["uri"][indices[j]]), column[indices[j]], int(batch["height"][indices[j]]),
                                  int(batch["width"][indices[j]])) for j in todo]
             for group in group_by_shape([_input_size(x.image) for x in inputs], self.batch_size[task]):
+                start = time.perf_counter()
                 results = self._predict(backend, [inputs[g] for g in group], len(group))
+                self.times.forward_s += time.perf_counter() - start
                 done = []
                 for g, result in zip(group, results):
                     if isinstance(result, Exception):
@@ -426,6 +477,7 @@ class Annotate:
 
     def _encode(self, task: str, results: list[tuple[int, Result]]) -> list[tuple[int, dict[str, Any] | str]]:
         """On the encoder thread: each result -> {task: cell}, or the one-line error."""
+        start = time.perf_counter()
         spec, cfg = TASK_TABLE[task], self.models[task]
         out: list[tuple[int, dict[str, Any] | str]] = []
         for j, result in results:
@@ -433,6 +485,7 @@ class Annotate:
                 out.append((j, {task: spec.encode(result, cfg.score_threshold, self.allowed[task])}))
             except Exception as e:
                 out.append((j, f"{task}: encode failed: {one_line(e)}"))
+        self.times.encode_s += time.perf_counter() - start  # only this thread adds to it
         return out
 
     def _predict(self, backend: Backend, inputs: list[ModelInput], batch_size: int) -> list[Result | Exception]:
