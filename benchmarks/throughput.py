@@ -8,8 +8,8 @@
 2. the whole pipeline (list, read, decode, predict, encode, write on local Ray) vs the
    batched model alone: how much of the model's speed the pipeline keeps.
 3. driver peak RSS for a run over N and over 4N images: must not grow with N.
-4. a model that costs nothing (ZeroCostBackend: the backend protocol, 10 instances per image
-   with masks of realistic size) over 1280x960 JPEGs resized to 800: the pipeline's images/s
+4. a model that costs nothing (ZeroCostBackend: the backend protocol, 20 instances per image
+   with masks of realistic size) over 1920x1080 JPEGs resized to 800: the pipeline's images/s
    against the cores Ray has times a tight single-process loop doing the same work (read,
    decode, resize, predict, encode, one Parquet file). What is left is the pipeline's own cost.
 5. the predictor actor's serial CPU per image outside the forward: Annotate over 16 decoded
@@ -37,12 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from batchseg import job  # noqa: E402
+from batchseg.run import job  # noqa: E402
 from batchseg.config import ModelConfig, load_config  # noqa: E402
 from batchseg.predictors.base import Categories, Category, ModelInput  # noqa: E402
 from batchseg.predictors.torchvision import TorchvisionBackend  # noqa: E402
 
-ZERO_COST_INSTANCES = 10
+ZERO_COST_INSTANCES = 20
 
 
 class ZeroCostBackend:
@@ -73,8 +73,10 @@ class ZeroCostBackend:
         return [self.scenes[x.height, x.width] for x in images]
 
 
-def make_images(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (480, 640)) -> list[np.ndarray]:
-    """`count` JPEGs of `size` (h, w): a gradient with random rectangles; returns the RGB arrays."""
+def make_images(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (480, 640),
+                keep: bool = True) -> list[np.ndarray]:
+    """`count` JPEGs of `size` (h, w): a gradient with random rectangles; returns the RGB arrays
+    (none unless `keep`: 1,600 of 1080p would be 10 GB)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     images = []
@@ -86,7 +88,8 @@ def make_images(folder: Path, count: int, seed: int = 0, size: tuple[int, int] =
             y, x = rng.integers(0, h - 80), rng.integers(0, w - 80)
             rgb[y:y + rng.integers(20, 80), x:x + rng.integers(20, 80)] = rng.integers(0, 255, 3)
         Image.fromarray(rgb).save(folder / f"img_{i:05d}.jpg", quality=90)
-        images.append(rgb)
+        if keep:
+            images.append(rgb)
     return images
 
 
@@ -140,10 +143,12 @@ def zero_cost_section(args, work: Path) -> None:
     import ray
 
     n = args.zero_cost_images
-    make_images(work / "zero_cost_n", n, seed=2, size=(960, 1280))
-    make_images(work / "zero_cost_4n", 4 * n, seed=3, size=(960, 1280))
+    make_images(work / "zero_cost_n", n, seed=2, size=(1080, 1920), keep=False)
+    make_images(work / "zero_cost_4n", 4 * n, seed=3, size=(1080, 1920), keep=False)
     single = tight_loop(sorted((work / "zero_cost_n").glob("*.jpg")), work / "tight.parquet")
+    start = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - start
     cores = int(ray.cluster_resources()["CPU"])
     model = {"backend": "benchmarks.throughput:ZeroCostBackend", "score_threshold": 0.5}
     small = pipeline_run(work / "zero_cost_n", work / "out_zero_cost_n", model, args)
@@ -151,7 +156,7 @@ def zero_cost_section(args, work: Path) -> None:
     ray.shutdown()
     marginal = 3 * n / (large["wall_time_s"] - small["wall_time_s"])
     ideal = cores * single
-    print(f"zero-cost model: JPEGs of 1280x960 resized to 800, {ZERO_COST_INSTANCES} instances each, {cores} cores; "
+    print(f"zero-cost model: JPEGs of 1920x1080 resized to 800, {ZERO_COST_INSTANCES} instances each, {cores} cores; "
           f"pool of {small['actors']['max']} actors")
     print(f"tight single-process loop ({n} images): {single:8.2f} images/s; x {cores} cores = {ideal:.2f}")
     print(f"pipeline, {n} images:              {small['images_per_s']:8.2f} images/s   "
@@ -161,6 +166,9 @@ def zero_cost_section(args, work: Path) -> None:
           f"pipeline / (cores x loop) = {large['images_per_s'] / ideal:.2f}  (wall {large['wall_time_s']:.1f} s)")
     print(f"pipeline, marginal ({3 * n} more images): {marginal:8.2f} images/s   "
           f"pipeline / (cores x loop) = {marginal / ideal:.2f}")
+    print(f"start-up: ray.init {ray_start:.1f} s, then run start to the first batch in a predictor "
+          f"{small['predictors']['startup_s']} s ({n} images) / {large['predictors']['startup_s']} s ({4 * n}); "
+          f"{n}-image run's bottleneck: {small['predictors']['bottleneck']}")
 
 
 def actor_section() -> None:

@@ -217,7 +217,7 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     stats = dataset.stats()
     summary = report.summary(head, sink.counts, planned, time.time() - started, where, stats,
                              job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"),
-                             ray.get(timers.figures.remote()))
+                             ray.get(timers.figures.remote()), started)
     if tracked is not None:
         summary["tracks"] = tracked
     held.check()

@@ -26,6 +26,7 @@ class ActorTimes:
 
     images: int = 0
     calls: int = 0
+    first_batch_at: float | None = None  # Unix time the first batch came
     wait_s: float = 0.0
     decode_s: float = 0.0
     forward_s: float = 0.0

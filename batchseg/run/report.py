@@ -13,12 +13,13 @@ _PACKAGES = ("batchseg", "torch", "torchvision", "detectron2", "ray", "pyarrow",
 
 def summary(head: dict[str, Any], counts: dict[str, Any], planned: dict[str, Any], wall: float, where: Any,
             stats_text: str, max_failed_fraction: float | None, failed_list: str,
-            actor_times: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            actor_times: dict[str, dict[str, Any]] | None = None, started: float | None = None) -> dict[str, Any]:
     """The finished run's report: `head` (identity, provenance, config) plus what landed.
 
     counts: the sink's totals (batchseg.store.sink.count, added up over write tasks).
     planned: ledger.plan's figures. where: the pipeline's Placement. actor_times: the run's
-    meter figures (batchseg.run.meter: actor id -> ActorTimes as a dict).
+    meter figures (batchseg.run.meter: actor id -> ActorTimes as a dict). started: the run's
+    start, Unix time.
     """
     images = counts["images"]
     failed_fraction = images["failed"] / images["in"] if images["in"] else 0.0
@@ -38,7 +39,7 @@ def summary(head: dict[str, Any], counts: dict[str, Any], planned: dict[str, Any
         "failed_list": failed_list,
         "wall_time_s": round(wall, 3),
         "stages": (ops := stages(stats_text)),  # Ray Data's per-operator figures; full text in RUN_ID.stats.txt
-        "predictors": predictors(actor_times or {}, ops),
+        "predictors": predictors(actor_times or {}, ops, started),
         "images_per_s": round(images["in"] / wall, 3) if wall > 0 else None,
         "device": where.device,
         "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor,
@@ -69,7 +70,8 @@ def stages(stats_text: str) -> list[dict[str, Any]]:
 WAITING_BOUND = 0.25  # predictors idle this much of their time: their input is the bottleneck
 
 
-def predictors(actor_times: dict[str, dict[str, Any]], ops: list[dict[str, Any]]) -> dict[str, Any]:
+def predictors(actor_times: dict[str, dict[str, Any]], ops: list[dict[str, Any]],
+               started: float | None = None) -> dict[str, Any]:
     """The predictor pool's time split and the run's bottleneck.
 
     actor_times: actor id -> meter.ActorTimes as a dict. ops: `stages` of Dataset.stats().
@@ -78,6 +80,8 @@ def predictors(actor_times: dict[str, dict[str, Any]], ops: list[dict[str, Any]]
     decode), in the forward, and encoding (on the encoder thread, overlapping the forward, so
     the fractions can add up to more than 1); images/s per actor. read and decode: Ray Data's
     throughput of those stages (rows/s; decode is absent on CPU, where the actors decode).
+    startup_s: from `started` (the run's start) to the first batch reaching a predictor: what
+    a run pays before its first image, however few it has.
     """
     actors = []
     for actor_id, t in sorted(actor_times.items()):
@@ -89,7 +93,9 @@ def predictors(actor_times: dict[str, dict[str, Any]], ops: list[dict[str, Any]]
     pool = {"actors": len(actors), **_fractions(pool_times),
             "images_per_s_per_actor": round(pool_times["images"] / pool_times["wall_s"], 3) if pool_times["wall_s"] > 0 else None}
     read, decode = _op(ops, "read_batch"), _op(ops, "decode_batch")
-    return {"pool": pool, "actors": actors,
+    firsts = [t["first_batch_at"] for t in actor_times.values() if t.get("first_batch_at")]
+    startup = round(min(firsts) - started, 3) if firsts and started else None
+    return {"pool": pool, "actors": actors, "startup_s": startup,
             "read_rows_per_s": read["rows_per_s"] if read else None,
             "decode_rows_per_s": decode["rows_per_s"] if decode else None,
             "bottleneck": bottleneck(pool, read, decode) if actors else None}

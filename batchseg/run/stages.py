@@ -384,7 +384,7 @@ class Annotate:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         start = time.perf_counter()
         if self._first is None:
-            self._first = start
+            self._first, self.times.first_batch_at = start, time.time()
         else:
             self.times.wait_s += start - self._idle_since
         table = self._rows(self._decoded(batch))

@@ -23,6 +23,7 @@ def _split(summary):
     for name in ("waiting", "decode", "forward", "encode"):
         assert 0.0 <= pool[name] <= 1.0, (name, pool)
     assert pool["images_per_s_per_actor"] > 0
+    assert 0 < predictors["startup_s"] < summary["wall_time_s"]
     assert predictors["read_rows_per_s"] > 0 and predictors["decode_rows_per_s"] is None  # CPU: actors decode
     return pool, predictors["bottleneck"]
 
