@@ -12,7 +12,7 @@ from batchseg.config import ModelConfig
 from batchseg.predictors.base import Detections, ModelInput, Preprocessor
 from tests.oracle import ColorKeyBackend
 
-SLOW_S = 0.4
+SLOW_S = 1.0  # well above a real decode on a loaded 2-core machine (~0.3 s), so the slow part dominates
 
 
 class SlowModelBackend(ColorKeyBackend):
