@@ -125,11 +125,11 @@ def read_segment(uri: str, storage_options: dict[str, Any], cfg: VideoConfig, se
         hi = min(ends) if ends else None
         sampler = _Sampler(cfg)
         counting = lo <= t0  # decoding from the first frame: count exactly
-        if lo > t0:
-            container.seek(int(lo / tb), stream=stream, backward=True, any_frame=False)
         offset, pending = None, None  # pending: (index, t, frame) awaiting the next frame's time (fps)
         packets = _Packets(container, stream)
         try:
+            if lo > t0:
+                container.seek(int(lo / tb), stream=stream, backward=True, any_frame=False)
             for t, frame in packets.frames():
                 if offset is None:  # the first frame decoded: the count starts here
                     offset = 0 if counting else round((t - t0) * rate) - packets.before(t)

@@ -101,6 +101,21 @@ def test_rotation_metadata_is_applied(clips, tmp_path):
     assert np.array_equal(frames[5].rgb, np.rot90(picture(5, 30), -1))
 
 
+def test_videos_are_listed_in_folders_manifests_and_as_files_in_any_case(clips, tmp_path):
+    from batchseg.inputs import sources
+
+    lake = tmp_path / "lake"
+    (lake / "cams").mkdir(parents=True)
+    for name in ("a.MP4", "b.mov", "c.MKV", "d.webm", "e.avi", "f.m4v", "notes.txt"):
+        (lake / "cams" / name).write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("uri\n" + "\n".join(str(lake / "cams" / n) for n in ("a.MP4", "notes.txt")))
+    listed = {r["uri"].rsplit("/", 1)[1] for page in sources.iter_input(sources.classify(str(lake), {}), {}) for r in page}
+    assert listed == {"a.MP4", "b.mov", "c.MKV", "d.webm", "e.avi", "f.m4v"}
+    assert sources.classify(str(lake / "cams" / "b.mov"), {}).kind == "video"
+    manifest = sources.classify(str(tmp_path / "list.csv"), {})
+    assert [r["uri"].rsplit("/", 1)[1] for page in sources.iter_input(manifest, {}) for r in page] == ["a.MP4"]
+
+
 def test_a_frame_is_fetched_again_by_its_uri(clips):
     uri = video.frame_uri("file://" + str(clips["webm"]), 1.2)
     assert uri.endswith("walk.webm#t=1.200")
@@ -151,36 +166,27 @@ def test_frames_become_rows_exactly_once_and_a_new_sampling_adds_only_its_new_fr
 
 
 @pytest.mark.timeout(300)
-def test_a_truncated_video_keeps_its_frames_and_gets_one_error_row(ray_cluster, tmp_path):
+def test_a_truncated_video_keeps_its_frames_and_an_unsupported_codec_is_one_error_each_recorded_once(
+        ray_cluster, clips, tmp_path):
     lake = tmp_path / "lake"
     lake.mkdir()
     whole = make_video(tmp_path / "long.webm", frames=40)
     (lake / "cut.webm").write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
-    run = dict(inputs=[str(lake)], output=str(tmp_path / "out"), models={"instance": ORACLE},
-               video={"segment_s": 1.5})
-    first = run_job(**run)[1]
-    rows = read_rows(str(tmp_path / "out/annotations"))
-    errors = [r for r in rows if r["error"]]
-    frames = [r for r in rows if not r["error"]]
-    assert len(errors) == 1 and errors[0]["error_kind"] == "content" and "truncated" in errors[0]["error"]
-    assert errors[0]["image_uri"] == errors[0]["video_uri"] == "file://" + str(lake / "cut.webm")
-    assert 5 < len(frames) < 40 and [r["frame_index"] for r in frames] == list(range(len(frames)))
-    assert first["images"] == {"in": len(rows), "annotated": len(frames), "failed": 1}
-    assert run_job(**run)[1]["images"]["in"] == 0  # recorded once
-
-
-@pytest.mark.timeout(300)
-def test_an_unsupported_codec_is_one_content_error_recorded_once(ray_cluster, clips, tmp_path):
-    lake = tmp_path / "lake"
-    lake.mkdir()
     # H.264 relabelled with a codec tag FFmpeg has no decoder for (as ProRes RAW would be)
     (lake / "raw.mov").write_bytes(clips["mp4"].read_bytes().replace(b"avc1", b"zzzz"))
     run = dict(inputs=[str(lake)], output=str(tmp_path / "out"), models={"instance": ORACLE},
-               video={"segment_s": 0.5})
-    assert run_job(**run)[1]["images"] == {"in": 1, "annotated": 0, "failed": 1}
-    [row] = read_rows(str(tmp_path / "out/annotations"))
-    assert row["error_kind"] == "content" and "unsupported video codec" in row["error"]
-    assert run_job(**run)[1]["images"]["in"] == 0
+               video={"segment_s": 0.7})  # several segments each: still one error row a video
+    first = run_job(**run)[1]
+    rows = read_rows(str(tmp_path / "out/annotations"))
+    errors = {r["image_uri"].rsplit("/", 1)[1]: r for r in rows if r["error"]}
+    frames = [r for r in rows if not r["error"]]
+    assert set(errors) == {"cut.webm", "raw.mov"} and {r["error_kind"] for r in errors.values()} == {"content"}
+    assert "truncated" in errors["cut.webm"]["error"] and "unsupported video codec" in errors["raw.mov"]["error"]
+    assert errors["cut.webm"]["video_uri"] == "file://" + str(lake / "cut.webm")
+    assert 5 < len(frames) < 40 and sorted(r["frame_index"] for r in frames) == list(range(len(frames)))
+    assert all(r["video_uri"].endswith("cut.webm") for r in frames)
+    assert first["images"] == {"in": len(rows), "annotated": len(frames), "failed": 2}
+    assert run_job(**run)[1]["images"]["in"] == 0  # recorded once
 
 
 @pytest.mark.timeout(300)
