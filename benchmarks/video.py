@@ -145,8 +145,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating timings of each; the best counts")
     parser.add_argument("--render", metavar="DEST")
     args = parser.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core: figures per core
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+    if cores:
+        os.sched_setaffinity(0, {min(cores)})  # one core: figures per core
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(Path(tmp) / "clip.mp4", args.seconds)
         tight_loop(clip)  # warm the page cache and the codec
@@ -157,6 +158,8 @@ def main() -> None:
           f"({n_read} frames, 2 segments); ratio {(n_read / t_read) / (n_tight / t_tight):.2f}")
     print(f"tracking: {tracking_ms(args.instances):.2f} ms per frame at {args.instances} instances")
     if args.render:
+        if cores:
+            os.sched_setaffinity(0, cores)  # Ray's workers inherit it
         render_tracked(args.render)
 
 
