@@ -12,8 +12,9 @@ cost of tracking, and one rendered frame with track ids. Prints figures; asserts
    each (the machine may be shared): the ratio is the reader's cost.
 2. tracking ms per frame (rows.tracks.track_video: Hungarian on mask IoU within category) with
    `--instances` instances a frame, 1920x1080 masks, over 60 frames cut into 3 segments.
-3. with --render DEST: a tracked run (local Ray, the colour-key test backend over a test video
-   of moving shapes) and `batchseg render` of its frames into DEST: labels read "name #track".
+3. with --render DEST: a tracked run (local Ray, the colour-key test backend over every frame
+   of a 3 s test video of moving shapes, segments of 1 s) and `batchseg render` of 8 of its
+   frames into DEST: labels read "name #track score".
 """
 
 from __future__ import annotations
@@ -128,13 +129,13 @@ def render_tracked(dest: str) -> None:
         cfg = load_config(None, [(["inputs"], [str(lake)]), (["output"], f"{tmp}/out"),
                                  (["models"], {"instance": {"backend": "tests.oracle:ColorKeyBackend",
                                                             "score_threshold": 0.0}}),
-                                 (["video"], {"fps": 2, "segment_s": 1.0, "track": True})])
+                                 (["video"], {"segment_s": 1.0, "track": True})])
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             summary = job.run(cfg)
         finally:
             ray.shutdown()
-        shown = render(open_results(f"{tmp}/out"), dest, limit=6)
+        shown = render(open_results(f"{tmp}/out"), dest, limit=8)
         print(f"render: {shown} frames of a tracked run ({summary['tracks']}) in {dest}/index.html")
 
 

@@ -21,16 +21,17 @@ CODECS = {".mp4": ("libx264rgb", "rgb24", {"qp": "0"}), ".webm": ("libvpx-vp9", 
 
 
 def picture(i: int, n: int, height: int = 48, width: int = 64) -> np.ndarray:
-    """Frame i of n: (height, width, 3) uint8."""
+    """Frame i of n: (height, width, 3) uint8; the shapes scale with the frame (64 x 48: 1)."""
+    f = max(1, min(width // 64, height // 48))
     rgb = np.empty((height, width, 3), np.uint8)
     rgb[:] = BACKGROUND
-    x = 2 + (width - 20) * i // max(1, n - 1)
-    rgb[2:12, x:x + 12] = RED
-    y = 14 + (height - 30) * i // max(1, n - 1)
-    rgb[y:y + 10, 40:52] = GREEN
-    rgb[height - 10:height - 2, 2:10] = BLUE
+    x = 2 * f + (width - 20 * f) * i // max(1, n - 1)
+    rgb[2 * f:12 * f, x:x + 12 * f] = RED
+    y = 14 * f + (height - 30 * f) * i // max(1, n - 1)
+    rgb[y:y + 10 * f, 40 * f:52 * f] = GREEN
+    rgb[height - 10 * f:height - 2 * f, 2 * f:10 * f] = BLUE
     if i >= n // 2:
-        rgb[height - 10:height - 2, width - 10:width - 2] = YELLOW
+        rgb[height - 10 * f:height - 2 * f, width - 10 * f:width - 2 * f] = YELLOW
     return rgb
 
 
