@@ -40,7 +40,9 @@ def track_run(job: JobConfig, run_id: str) -> dict[str, Any]:
         return figures
     ds = ray.data.read_parquet(files, filesystem=_arrow_fs(fs), columns=COLUMNS, include_paths=True)
     ds = ds.map_batches(_of_videos, fn_kwargs={"videos": touched}, batch_format="pyarrow", num_cpus=0)
-    done = ds.groupby("video_uri").map_groups(
+    # one shuffle partition per video up to the cluster's CPUs (the default, 200, is mostly empty tasks)
+    partitions = max(1, min(len(touched), int(ray.cluster_resources().get("CPU", 1))))
+    done = ds.groupby("video_uri", num_partitions=partitions).map_groups(
         _track_one, fn_kwargs={"output": job.output, "opts": opts, "video": job.video}, batch_format="pyarrow",
         num_cpus=1,
     ).take_all()
