@@ -53,7 +53,7 @@ def _frame_index(name: str) -> int:
     return int(name.rsplit("/", 1)[-1].split(".")[0])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_youtube_vis_follows_the_loaders_rules_and_each_shape_is_one_track(tracked, tmp_path):
     summary = exports.export_youtube_vis(tracked, str(tmp_path), frames=True)
     data = json.loads((tmp_path / "youtube_vis.json").read_text())
@@ -82,7 +82,7 @@ def test_youtube_vis_follows_the_loaders_rules_and_each_shape_is_one_track(track
     assert yellow["segmentations"][:7] == [None] * 7 and None not in yellow["segmentations"][8:]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_cvat_for_video_imports_with_datumaro_as_one_track_per_shape(tracked, tmp_path):
     summary = exports.export_cvat_video(tracked, str(tmp_path))
     assert len(summary["files"]) == 2 and set(summary["files"].values()) == {4} and summary["parts_dropped"] == 0
@@ -100,7 +100,7 @@ def test_cvat_for_video_imports_with_datumaro_as_one_track_per_shape(tracked, tm
         assert len({next(iter(ids)) for ids in tracks.values()}) == 4
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_cvat_coco_with_frame_images_imports_with_datumaro(tracked, tmp_path):
     summary = exports.export_cvat_coco_frames(tracked, str(tmp_path))
     assert summary["frames"] == 30
@@ -121,7 +121,7 @@ def test_cvat_coco_with_frame_images_imports_with_datumaro(tracked, tmp_path):
                                   expected[cid])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_fiftyone_video_dataset_has_frames_with_track_indexes(tracked, tmp_path, tmp_path_factory):
     import os
     import uuid
@@ -168,3 +168,17 @@ def test_labelstudio_frames_are_image_tasks_grouped_by_video(tracked, tmp_path):
                 cid = next(c for c, n in NAMES.items() if n == brush["value"]["brushlabels"][0])
                 mask = decode_rle(brush["value"]["rle"]).reshape(48, 64, 4)[:, :, 3] > 0
                 assert np.array_equal(mask, expected[cid])
+
+
+@pytest.mark.timeout(600)
+def test_cli_export_video_writes_the_chosen_formats_and_refuses_an_unknown_one(tracked, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "batchseg", "export", "video", tracked.uri, str(tmp_path)]
+    done = subprocess.run(cmd + ["--formats", "youtube-vis,cvat-video"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "youtube-vis/youtube_vis.json (8 items)" in done.stdout  # 4 tracks in each of 2 videos
+    assert (tmp_path / "youtube-vis/youtube_vis.json").is_file() and len(list(tmp_path.glob("cvat-video/cvat_video/*.zip"))) == 2
+    bad = subprocess.run(cmd + ["--formats", "youtube"], capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 2 and "unknown format 'youtube'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
