@@ -72,6 +72,7 @@ class ModelConfig(_Strict):
     model: str | None = None
     weights: str | None = None
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="pin the weights' content")
+    model_card: str | None = Field(None, description="model_card.json of a `batchseg train` model (--model-dir sets it)")
     random_init: StrictBool = False
     label_map: str | dict[int, Any] | None = None
     score_threshold: StrictFloat = Field(0.5, ge=0.0, le=1.0)

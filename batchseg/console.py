@@ -180,7 +180,7 @@ class ProgressLine(_noop_manager_class()):
             if self._counted.get("images_per_s_per_actor"):
                 text += f" ({self._counted['actors']} actors, {self._counted['images_per_s_per_actor']:.3g} each)"
             if total is not None and total > done:
-                text += f", ETA {_duration((total - done) / rate)}"
+                text += f", ETA {duration((total - done) / rate)}"
         elif total is None:
             text += ", listing..."
         return text
@@ -213,7 +213,7 @@ class ProgressLine(_noop_manager_class()):
         self._stream.flush()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"

@@ -4,8 +4,9 @@ Each good image holds flat shapes in pure colours on gray; the colour names the 
 (SHAPE_COLORS), so a colour-keyed segmenter recovers the exact masks. Lossless formats carry
 the shapes; the odd-but-valid set covers EXIF rotation, grayscale, 16-bit, RGBA, palette,
 CMYK and extreme aspect ratios. `bad=True` adds files that must become error rows.
+`scenes=N` adds N random scenes (shapes/scene_NNNNN.png, seeded) for training and held-out AP.
 
-    python -m batchseg.samples DEST [--bad]   # writes DEST/images/... and DEST/ground_truth.json
+    python -m batchseg.samples DEST [--bad] [--scenes N]   # DEST/images/... and DEST/ground_truth.json
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ def _scenes() -> dict[str, np.ndarray]:
         "odd/one_pixel.png": _canvas(1, 1, []),
         "odd/empty_scene.png": _canvas(64, 64, []),
     }
+
+
+def random_scenes(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`count` scenes of 96..256 px a side, each with 1-3 shapes of distinct colours (one
+    ground-truth instance per colour), 16 px or more a side, placed anywhere; same seed, same scenes."""
+    rng = np.random.default_rng(seed)
+    colors = list(SHAPE_COLORS)
+    scenes = {}
+    for i in range(count):
+        h, w = (int(v) for v in rng.integers(96, 257, size=2))
+        shapes = []
+        for c in rng.choice(len(colors), size=int(rng.integers(1, 4)), replace=False):
+            sh, sw = (int(rng.integers(16, max(17, side * 2 // 3))) for side in (h, w))
+            y0, x0 = int(rng.integers(0, h - sh + 1)), int(rng.integers(0, w - sw + 1))
+            shapes.append((colors[c], str(rng.choice(["rect", "ellipse"])), (y0, x0, y0 + sh, x0 + sw)))
+        scenes[f"shapes/scene_{i:05d}.png"] = _canvas(h, w, shapes)
+    return scenes
 
 
 def _ground_truth_entry(image_id: int, name: str, rgb: np.ndarray) -> tuple[dict, list[dict]]:
@@ -135,7 +153,7 @@ def _with_ihdr_size(png: bytes, width: int, height: int) -> bytes:
     return png[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
 
 
-def write_samples(dest: str | Path, bad: bool = False, shard: bool = True) -> dict[str, Any]:
+def write_samples(dest: str | Path, bad: bool = False, shard: bool = True, scenes: int = 0, seed: int = 0) -> dict[str, Any]:
     """Write sample images under DEST/images and COCO ground truth to DEST/ground_truth.json.
 
     Returns {"ground_truth": COCO dict (file_name relative to DEST/images), "images": all image
@@ -148,8 +166,7 @@ def write_samples(dest: str | Path, bad: bool = False, shard: bool = True) -> di
         "categories": [{"id": i, "name": n} for i, n in sorted(SHAPE_COLORS.values())],
     }
     names = []
-    scenes = _scenes()
-    for image_id, (name, rgb) in enumerate(scenes.items(), start=1):
+    for image_id, (name, rgb) in enumerate({**_scenes(), **random_scenes(scenes, seed)}.items(), start=1):
         _save(root / name, rgb)
         names.append(name)
         entry, anns = _ground_truth_entry(image_id, name, rgb)
@@ -201,8 +218,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="write sample images with ground truth")
     parser.add_argument("dest")
     parser.add_argument("--bad", action="store_true", help="also write files that must become error rows")
+    parser.add_argument("--scenes", type=int, default=0, metavar="N", help="also write N random scenes with ground truth")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random scenes")
     args = parser.parse_args()
-    made = write_samples(args.dest, bad=args.bad)
+    made = write_samples(args.dest, bad=args.bad, scenes=args.scenes, seed=args.seed)
     print(f"wrote {len(made['images'])} images to {Path(args.dest) / 'images'}")
 
 

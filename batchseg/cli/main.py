@@ -15,11 +15,12 @@ from batchseg.cli.exports import add_export
 from batchseg.cli.pull import add_pull
 from batchseg.cli.push import add_push
 from batchseg.cli.run import add_run
+from batchseg.cli.train import add_train
 from batchseg.config import ConfigError
 from batchseg.errors import user_error
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_export, add_eval, add_render, add_review,
-                                                               add_push, add_pull, add_acceptance]
+                                                               add_push, add_pull, add_acceptance, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

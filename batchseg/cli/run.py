@@ -8,8 +8,9 @@ import os
 import sys
 from typing import Any
 
-from batchseg.cli.common import EXIT_FAILURE_BUDGET, EXIT_OK, RUN_EXIT_CODES, command, storage_flags
+from batchseg.cli.common import EXIT_FAILURE_BUDGET, EXIT_OK, RUN_EXIT_CODES, command, storage_config, storage_flags
 from batchseg.config import ConfigError, JobConfig, ModelConfig, load_config, parse_override
+from batchseg.train.model_dir import model_settings
 
 def _job_default(name: str) -> Any:
     return JobConfig.model_fields[name].default
@@ -60,6 +61,9 @@ def add_run(commands: argparse._SubParsersAction) -> None:
     model.add_argument("--weights", metavar="URI",
                        help="checkpoint: local path, s3:// or https:// URL (default: the zoo checkpoint)")
     model.add_argument("--random-init", action="store_true", help="no weights: random initialisation (smoke tests)")
+    model.add_argument("--model-dir", metavar="URI",
+                       help="a model `batchseg train` wrote: its architecture, weights (pinned by sha256), label map, "
+                            "image sizes and model card; other model flags override")
     model.add_argument("--label-map", metavar="URI", help="YAML/JSON: model class index -> {id, name}")
     model.add_argument("--score-threshold", type=float, metavar="S",
                        help=f"drop instances scored below S, 0..1 (default: {_model_default('score_threshold')})")
@@ -105,6 +109,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             overrides.append((path, getattr(args, flag)))
     overrides += [(path, True) for flag, path in _SWITCHES.items() if getattr(args, flag)]
     model_values = {f: getattr(args, f) for f in _MODEL_FLAGS if getattr(args, f) is not None}
+    if args.model_dir:
+        model_values = {**model_settings(args.model_dir, storage_config(args).options(args.model_dir)), **model_values}
     if args.random_init:
         model_values["random_init"] = True
     overrides += [parse_override(item) for item in args.set]

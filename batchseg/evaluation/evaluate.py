@@ -123,7 +123,7 @@ def evaluate(results: Results, gt_path: str, gt_panoptic_dir: str | None = None,
     if not present:
         raise _no_results_for(column, gt_path)
     for iou_type in iou_types:
-        metrics[iou_type] = _cocoeval(gt, _for_iou_type(detections, iou_type), iou_type, sorted(set(matched.values())))
+        metrics[iou_type] = coco_metrics(gt, _for_iou_type(detections, iou_type), iou_type, sorted(set(matched.values())))
     return metrics
 
 
@@ -149,7 +149,9 @@ def _for_iou_type(detections: list[dict[str, Any]], iou_type: str) -> list[dict[
     return [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
 
 
-def _cocoeval(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: str, image_ids: list[int]) -> dict[str, float]:
+def coco_metrics(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: str, image_ids: list[int]) -> dict[str, float]:
+    """COCOeval's 12 (keypoints: 10) summary figures, in percent, of `detections` (COCO result
+    dicts) against the COCO dict `gt`, over `image_ids`; None where the GT has no such objects."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

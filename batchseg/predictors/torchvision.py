@@ -1,4 +1,5 @@
-"""torchvision Mask R-CNN (`maskrcnn_resnet50_fpn`, `maskrcnn_resnet50_fpn_v2`).
+"""torchvision Mask R-CNN (`maskrcnn_resnet50_fpn`, `maskrcnn_resnet50_fpn_v2`, and the lighter
+`maskrcnn_resnet18_fpn` / `maskrcnn_resnet34_fpn` that `batchseg train` can make for simple domains).
 
 Weights: a state dict as `torch.save(model.state_dict())` writes it (the PyTorch detection
 tutorial), or a torchvision references/detection checkpoint ({"model": state_dict, ...}).
@@ -16,6 +17,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torchvision.models import detection
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -27,16 +32,40 @@ from batchseg.predictors.base import (
 )
 from batchseg.predictors.device import compute_in_fp32, crops_to_host, image_tensor, outputs_in_fp32
 
-ARCHITECTURES = {
+LIGHT_CHANNELS = 128  # FPN and head width of the light architectures (torchvision's own: 256)
+
+
+def _light_maskrcnn(depth: int):
+    """A Mask R-CNN builder, called like torchvision's own, on a ResNet-`depth` FPN with
+    narrower heads (FPN and mask head LIGHT_CHANNELS wide, a 512-wide box head) and trainable
+    BatchNorm, which training from scratch needs (frozen statistics do not converge there).
+    torchvision publishes no detection weights for it: COCO weights are refused."""
+    def build(weights=None, weights_backbone=None, num_classes: int = 91, **kwargs) -> detection.MaskRCNN:
+        if weights is not None:
+            raise ValueError(f"no COCO weights exist for maskrcnn_resnet{depth}_fpn; train one with batchseg train")
+        body = getattr(resnet, f"resnet{depth}")(weights=weights_backbone, norm_layer=torch.nn.BatchNorm2d)
+        layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
+        backbone = BackboneWithFPN(body, layers, [64, 128, 256, 512], LIGHT_CHANNELS)
+        c = LIGHT_CHANNELS
+        return detection.MaskRCNN(
+            backbone, num_classes=None, box_head=TwoMLPHead(c * 7 * 7, 512),
+            box_predictor=FastRCNNPredictor(512, num_classes), mask_head=MaskRCNNHeads(c, (c, c, c, c), 1),
+            mask_predictor=MaskRCNNPredictor(c, c, num_classes), **kwargs)
+    return build
+
+
+ARCHITECTURES = {  # name -> (builder, the weights enum whose COCO table names classes without a label_map)
     "maskrcnn_resnet50_fpn": (detection.maskrcnn_resnet50_fpn, detection.MaskRCNN_ResNet50_FPN_Weights),
     "maskrcnn_resnet50_fpn_v2": (detection.maskrcnn_resnet50_fpn_v2, detection.MaskRCNN_ResNet50_FPN_V2_Weights),
+    "maskrcnn_resnet18_fpn": (_light_maskrcnn(18), detection.MaskRCNN_ResNet50_FPN_Weights),
+    "maskrcnn_resnet34_fpn": (_light_maskrcnn(34), detection.MaskRCNN_ResNet50_FPN_Weights),
 }
 DEFAULT_ARCH = "maskrcnn_resnet50_fpn"
 MIN_SIZE, MAX_SIZE = 800, 1333  # torchvision's test-time defaults
-_CLS_WEIGHT = "roi_heads.box_predictor.cls_score.weight"
+CLS_WEIGHT = "roi_heads.box_predictor.cls_score.weight"
 
 
-class _PreResizedTransform(GeneralizedRCNNTransform):
+class PreResizedTransform(GeneralizedRCNNTransform):
     """Normalise and batch only: resizing already happened in the decode stage."""
 
     def resize(self, image, target=None):
@@ -46,9 +75,9 @@ class _PreResizedTransform(GeneralizedRCNNTransform):
 class TorchvisionBackend:
     def __init__(self, cfg: ModelConfig, weights: str | None, device: str, precision: str) -> None:
         builder, weights_enum = ARCHITECTURES[_arch(cfg)]
-        state = _load_state(weights) if weights else None
+        state = load_state(weights) if weights else None
         label_map = self.categories(cfg).things
-        num_classes = state[_CLS_WEIGHT].shape[0] if state is not None else max(label_map) + 1
+        num_classes = state[CLS_WEIGHT].shape[0] if state is not None else max(label_map) + 1
         _check_label_map(cfg, label_map, num_classes)
         self._index_to_id = np.full(num_classes, -1, np.int64)  # -1: background / "N/A" slots
         for index, category in label_map.items():
@@ -59,9 +88,9 @@ class TorchvisionBackend:
             box_score_thresh=cfg.score_threshold,
         )
         if state is not None:
-            _load_strict(model, state, weights)
+            load_strict(model, state, weights)
         t = model.transform
-        model.transform = _PreResizedTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
+        model.transform = PreResizedTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
         self.model = model.eval().to(device)
         self.device, self.precision = torch.device(device), precision
         # under fp16/bf16: anchors made and RPN deltas decoded in fp32 (torchvision makes anchors
@@ -81,7 +110,7 @@ class TorchvisionBackend:
     @classmethod
     def check_weights(cls, cfg: ModelConfig, path: str) -> None:
         """Before any work: `path` is a Mask R-CNN checkpoint and the label map covers its classes."""
-        _check_label_map(cfg, cls.categories(cfg).things, _load_state(path)[_CLS_WEIGHT].shape[0])
+        _check_label_map(cfg, cls.categories(cfg).things, load_state(path)[CLS_WEIGHT].shape[0])
 
     @staticmethod
     def preprocessor(cfg: ModelConfig) -> Preprocessor:
@@ -172,17 +201,17 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def _load_state(path: str) -> dict[str, torch.Tensor]:
+def load_state(path: str) -> dict[str, torch.Tensor]:
     """A state dict or a references/detection checkpoint, loaded with weights_only=True."""
     state = checkpoints.load_torch(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    if not isinstance(state, dict) or _CLS_WEIGHT not in state:
-        raise checkpoints.CheckpointError(f"{path} is not a Mask R-CNN state dict (no {_CLS_WEIGHT})")
+    if not isinstance(state, dict) or CLS_WEIGHT not in state:
+        raise checkpoints.CheckpointError(f"{path} is not a Mask R-CNN state dict (no {CLS_WEIGHT})")
     return state
 
 
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """Every parameter must come from the checkpoint: a torchvision checkpoint is a whole model's
     state dict, so a missing or misshapen key means the wrong architecture (e.g. _v2 weights for
     the v1 model). Raises CheckpointError (one line) after a WARNING naming what would be left out."""

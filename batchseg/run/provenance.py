@@ -73,6 +73,7 @@ def task_record(task: str, job: JobConfig, weights: Any, fp: str) -> dict[str, A
         "weights": redact(weights.uri) if weights else None,
         "weights_sha256": weights.sha256 if weights else None,
         "weights_etag": weights.etag if weights else None,
+        "model_card": redact(model.model_card) if model.model_card else None,
         "score_threshold": model.score_threshold,
         "precision": job.precision,
     }

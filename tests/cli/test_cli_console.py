@@ -6,7 +6,7 @@ import inspect
 import io
 from types import SimpleNamespace
 
-from batchseg.console import ProgressLine, _duration
+from batchseg.console import ProgressLine, duration
 
 
 class FakeOp:
@@ -72,8 +72,8 @@ def test_a_terminal_gets_one_rewritten_line_a_log_one_line_per_interval():
     assert log.getvalue().count("\n") == 2 and "\r" not in log.getvalue()
 
 
-def test_durations():
-    assert [_duration(s) for s in (5, 75, 3600 * 2 + 61)] == ["5s", "1m15s", "2h01m"]
+def testdurations():
+    assert [duration(s) for s in (5, 75, 3600 * 2 + 61)] == ["5s", "1m15s", "2h01m"]
 
 
 def test_ray_data_still_has_the_hook_the_console_replaces():
