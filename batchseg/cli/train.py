@@ -41,6 +41,9 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--keep-head", action="store_true",
                        help="keep the base weights' box and mask heads (they must have the data's categories)")
     train.add_argument("--categories", metavar="LIST", help="comma-separated category names to train (default: all)")
+    train.add_argument("--include-model-rows", action="store_true",
+                       help="also train on the model's pre-labels of images nobody reviewed (the merged view; a WARNING "
+                            "says how many): the model then learns its own mistakes")
     train.add_argument("--heldout", type=float, default=0.1, metavar="F", help="fraction of images held out for AP, by image_id hash")
     train.add_argument("--min-images", type=int, default=10, metavar="N", help="refuse to train on fewer images")
     hyper = train.add_argument_group("recipe")
@@ -109,6 +112,7 @@ def spec_from_args(args: argparse.Namespace):
     return TrainSpec(
         data=args.data, output=args.output, task=args.task, backend=args.backend, images=args.images,
         base_weights=args.base_weights, keep_head=args.keep_head, categories=categories,
+        include_model_rows=args.include_model_rows,
         heldout_fraction=args.heldout, min_images=args.min_images, workers=args.workers, use_gpu=args.use_gpu,
         cpus_per_worker=args.cpus_per_worker, checkpoints=args.checkpoints, max_failures=args.max_failures,
         hyper=Hyper(**{f: getattr(args, f) for f in _HYPER_FLAGS}), storage=storage_config(args))

@@ -143,20 +143,39 @@ def _image_uri(fs: Any, root: str, file_name: str) -> str:
     return uri
 
 
-def from_reviews(output: str, storage: StorageConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """(examples, categories, source record) from the reviews dataset (part 1 of the loop):
-    the newest review of each image, its instances as reviewed."""
+def from_reviews(output: str, storage: StorageConfig, model_rows: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(examples, categories, source record) from the reviews dataset (part 1 of the loop): the
+    newest review of each image, its instances as the person left them. `model_rows`: the
+    merged view instead, which adds the newest prediction of every image nobody reviewed (a
+    WARNING says how many: the model then learns its own mistakes)."""
+    from batchseg.store.results import open_results
     from batchseg.store.reviews import open_reviews
 
-    reviews = open_reviews(output, storage.options(output))
-    examples = []
-    for row in reviews.rows(["image_uri", "width", "height", "instances"]):
+    opts = storage.options(output)
+    reviews = open_reviews(output, opts)
+    if not reviews.pulls():
+        raise ConfigError(f"--data {output}: no reviews there (no published pull in {output.rstrip('/')}/reviews/); "
+                          "pull reviewed labels first (batchseg pull labelstudio|coco), or give a COCO ground truth")
+    columns = ["image_uri", "width", "height", "instances"]
+    if model_rows:
+        rows = (r for r in open_results(output, opts, reviews=True).rows([*columns, "error"]) if r.get("error") is None)
+    else:
+        rows = reviews.rows(columns)
+    examples, predicted = [], 0
+    for row in rows:
+        predicted += row.get("source", "human") != "human"
         instances = [{"category_id": int(i["category_id"]), "segmentation": dict(i["segmentation"])}
                      for i in row["instances"] or [] if i.get("segmentation")]
         examples.append({"image_id": int(row["image_id"]), "image_uri": row["image_uri"], "height": int(row["height"]),
                          "width": int(row["width"]), "instances": json.dumps(instances)})
-    categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in reviews.categories()]
-    return examples, categories, {"kind": "reviews", "uri": output, "pulls": sorted(reviews.pulls())}
+    if predicted:
+        log.warning("training on the model's own pre-labels for %d of %d images (--include-model-rows): "
+                    "its mistakes there are learnt as truth", predicted, len(examples))
+    table = reviews.categories().get("instance", {}).get("things", [])
+    categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in table]
+    source = {"kind": "merged" if model_rows else "reviews", "uri": output, "pulls": reviews.pulls(),
+              "model_rows": predicted}
+    return examples, categories, source
 
 
 def decode_examples(batch: dict[str, np.ndarray], min_size: int, max_size: int,

@@ -53,6 +53,7 @@ class TrainSpec:
     base_weights: str | None = None
     keep_head: bool = False
     categories: list[str] | None = None
+    include_model_rows: bool = False
     heldout_fraction: float = 0.1
     min_images: int = 10
     workers: int = 1
@@ -78,9 +79,11 @@ def plan(spec: TrainSpec) -> tuple[training_data.TrainingData, WeightsRef | None
     if not 0 < spec.heldout_fraction < 1:
         raise ConfigError(f"--heldout {spec.heldout_fraction}: give a fraction between 0 and 1, e.g. 0.1")
     if spec.data.rstrip("/").endswith(".json"):
+        if spec.include_model_rows:
+            raise ConfigError("--include-model-rows reads a run's output (the merged view); --data is a COCO file")
         examples, categories, source = training_data.from_coco(spec.data, spec.images, spec.storage)
     else:
-        examples, categories, source = training_data.from_reviews(spec.data, spec.storage)
+        examples, categories, source = training_data.from_reviews(spec.data, spec.storage, spec.include_model_rows)
     examples, categories = training_data.select_categories(examples, categories, spec.categories)
     split = training_data.split(examples, categories, source, spec.heldout_fraction)
     needed = max(spec.min_images, spec.hyper.batch_size * spec.workers)
@@ -89,8 +92,10 @@ def plan(spec: TrainSpec) -> tuple[training_data.TrainingData, WeightsRef | None
                           f"{len(split.heldout)}), fewer than {needed}; review more images, or lower --min-images")
     empty = [name for name, n in split.instances_per_category.items() if n == 0]
     if empty:
-        raise ConfigError(f"categories with no instance in the training images: {', '.join(empty)}; "
-                          f"leave them out with --categories {','.join(n for n in split.instances_per_category if n not in empty)}")
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        kept = [n for n in split.instances_per_category if n not in empty]
+        raise ConfigError(f"categories with no instance in the training images: {shown}; "
+                          + (f"leave them out with --categories {','.join(kept)}" if kept else "review some images first"))
     base = _pin_base(spec, len(categories) + 1)
     identity = _identity(spec, split, base)
     _check_output(spec, identity)
