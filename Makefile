@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup samples clean labelstudio
+.PHONY: demo test setup samples clean labelstudio loop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ labelstudio: $(LABELSTUDIO)/.installed
 
 test: setup $(DATUMARO)/.installed $(LABELSTUDIO)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole flywheel on CPU: random-init run -> Label Studio -> scripted annotator -> pull ->
+# train (ResNet-18 FPN, minutes) -> run with the new weights -> AP before/after and renders.
+loop: setup $(LABELSTUDIO)/.installed
+	$(BIN)/python benchmarks/loop.py --work out/loop
 
 clean:
 	rm -rf $(VENV) $(DATUMARO) $(LABELSTUDIO) samples out

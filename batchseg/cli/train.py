@@ -10,7 +10,7 @@ from typing import Any
 from batchseg.cli.common import EXIT_OK, command, storage_config, storage_flags
 from batchseg.config import ConfigError
 
-_HYPER_FLAGS = ("arch", "iterations", "batch_size", "lr", "min_size", "max_size", "checkpoint_every", "seed")
+_HYPER_FLAGS = ("arch", "iterations", "batch_size", "lr", "min_size", "max_size", "checkpoint_every", "seed", "amp")
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
@@ -58,6 +58,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     cluster = train.add_argument_group("Ray Train")
     cluster.add_argument("--workers", type=int, default=1, metavar="N", help="DDP workers")
     cluster.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL); else CPU (gloo)")
+    cluster.add_argument("--amp", action="store_true", help="fp16 autocast with a gradient scaler (needs --use-gpu)")
     cluster.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N")
     cluster.add_argument("--checkpoints", metavar="URI", help="Ray Train storage, local or s3:// (default: OUTPUT/checkpoints)")
     cluster.add_argument("--max-failures", type=int, default=3, metavar="N", help="worker failures to resume from")
@@ -106,6 +107,8 @@ def spec_from_args(args: argparse.Namespace):
     for flag in ("iterations", "batch_size", "min_size", "max_size", "checkpoint_every", "workers", "min_images"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number of 1 or more")
+    if args.amp and not args.use_gpu:
+        raise ConfigError("--amp needs --use-gpu (fp16 autocast runs on CUDA); drop --amp on CPU")
     if args.lr <= 0:
         raise ConfigError(f"--lr {args.lr}: give a positive learning rate, e.g. 0.01")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None

@@ -54,9 +54,10 @@ class TrainingData:
     source: dict[str, Any]
     instances_per_category: dict[str, int] = field(default_factory=dict)
 
-    def label_map(self) -> dict[str, dict[str, Any]]:
-        """Class index (1..) -> {id, name}: the label_map form `batchseg run` takes."""
-        return {str(i): {"id": c["id"], "name": c["name"]} for i, c in enumerate(self.categories, start=1)}
+    def label_map(self, first_index: int = 1) -> dict[str, dict[str, Any]]:
+        """Class index -> {id, name}: the label_map form `batchseg run` takes. torchvision's
+        indices start at 1 (0 is the background), detectron2's at 0."""
+        return {str(i): {"id": c["id"], "name": c["name"]} for i, c in enumerate(self.categories, start=first_index)}
 
     def card(self) -> dict[str, Any]:
         return {**self.source, "images": {"train": len(self.train), "heldout": len(self.heldout)},

@@ -76,6 +76,9 @@ def plan(spec: TrainSpec) -> tuple[training_data.TrainingData, WeightsRef | None
         from batchseg.train.detectron2 import check_installed
 
         check_installed()
+        if spec.keep_head:
+            raise ConfigError("--keep-head is for --backend torchvision: detectron2's loading keeps a base head that "
+                              "fits and starts a new one where it does not; drop --keep-head")
     if not 0 < spec.heldout_fraction < 1:
         raise ConfigError(f"--heldout {spec.heldout_fraction}: give a fraction between 0 and 1, e.g. 0.1")
     if spec.data.rstrip("/").endswith(".json"):
@@ -164,7 +167,7 @@ def train(spec: TrainSpec, planned: tuple[training_data.TrainingData, WeightsRef
     card = _card(spec, split, base, identity, weights, history, time.monotonic() - started)
     _write(spec, WEIGHTS, weights)
     _write(spec, WEIGHTS + ".sha256", f"{card['weights']['sha256']}  {WEIGHTS}\n".encode())
-    _write(spec, LABEL_MAP, json.dumps(split.label_map(), indent=2).encode())
+    _write(spec, LABEL_MAP, json.dumps(split.label_map(first_index=0 if spec.backend == "detectron2" else 1), indent=2).encode())
     _write(spec, METRICS, "".join(json.dumps(r) + "\n" for r in history).encode())
     _write(spec, CURVES, curves_png(history))
     _write(spec, CARD, json.dumps(card, indent=2).encode())  # last: its presence means "finished"
@@ -205,7 +208,7 @@ def _fit(spec: TrainSpec, split: training_data.TrainingData, base: WeightsRef | 
     storage_path, filesystem = _storage(spec)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"hyper": spec.hyper.record(), "categories": split.categories, "keep_head": spec.keep_head,
+        train_loop_config={"backend": spec.backend, "hyper": spec.hyper.record(), "categories": split.categories, "keep_head": spec.keep_head,
                            "base": base.to_dict() if base else None,
                            "storage_options": spec.storage.options(spec.base_weights or "")},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
@@ -261,6 +264,8 @@ def _card(spec: TrainSpec, split: training_data.TrainingData, base: WeightsRef |
         "max_size": spec.hyper.max_size,
         "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)},
         "label_map": LABEL_MAP,
+        # detectron2 builds the model from its zoo config: the class count must be given
+        "options": {"MODEL.ROI_HEADS.NUM_CLASSES": len(split.categories)} if spec.backend == "detectron2" else {},
         "base_weights": {"uri": base.uri, "sha256": base.sha256} if base else None,
         "keep_head": spec.keep_head,
         "data": split.card() | {"heldout_fraction": spec.heldout_fraction},

@@ -37,8 +37,8 @@ PROGRESS_EVERY_S = 10.0
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """config: hyper (recipe.Hyper fields), categories [{id, name}] in class-index order,
-    base (WeightsRef fields or None), keep_head, storage_options (for the base weights)."""
+    """config: backend, hyper (recipe.Hyper fields), categories [{id, name}] in class-index
+    order, base (WeightsRef fields or None), keep_head, storage_options (for the base weights)."""
     import ray.train
     import ray.train.torch
 
@@ -46,58 +46,116 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, workers = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(hyper.seed)
+    base = fetch(WeightsRef(**config["base"]), config["storage_options"]) if config["base"] else None
+    if config["backend"] == "detectron2":
+        return _detectron2_loop(config, hyper, rank, workers, base)
     num_classes = len(config["categories"]) + 1
-    if config["base"] is not None:
-        base = fetch(WeightsRef(**config["base"]), config["storage_options"])
-        model = recipe.from_base(hyper.arch, base, num_classes, config["keep_head"])
-    else:
-        model = recipe.build_model(hyper.arch, num_classes)
+    model = (recipe.from_base(hyper.arch, base, num_classes, config["keep_head"]) if base
+             else recipe.build_model(hyper.arch, num_classes))
     optimizer, schedule = recipe.optimizer_and_schedule(model, hyper, workers)
-    iteration, history = 0, []
-    rng = np.random.default_rng([hyper.seed, rank])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            iteration, history, rng = _restore(folder, model, optimizer, schedule)
-        history.append({"iteration": iteration, "resumed": True})
-        if rank == 0:
-            print(f"batchseg train: resumed from the checkpoint of iteration {iteration:,}", flush=True)
+    session = _Session(config, hyper, rank, workers, model, optimizer, schedule)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    bare = model.module if hasattr(model, "module") else model
-    heldout = _heldout_batch() if rank == 0 else None
-
-    if iteration == 0 and rank == 0:
-        history.append({"iteration": 0, "heldout": heldout_ap(bare, heldout, config["categories"])})
+    session.begin(recipe.predict)
     shard = ray.train.get_dataset_shard("train")
-    trained_s = next((r["train_s"] for r in reversed(history) if "train_s" in r), 0.0)  # before a resume
-    progress = _Progress(hyper.iterations, hyper.batch_size * workers, iteration)
-    losses: list[dict[str, float]] = []
-    while iteration < hyper.iterations:
+    device = ray.train.torch.get_device()
+    scaler = torch.amp.GradScaler("cuda") if hyper.amp else None
+    while session.iteration < hyper.iterations:
         for batch in shard.iter_batches(batch_size=hyper.batch_size, batch_format="numpy", drop_last=True):
-            images, targets = recipe.to_targets(batch, hyper.flip, rng)
-            device = ray.train.torch.get_device()
+            images, targets = recipe.to_targets(batch, hyper.flip, session.rng)
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            losses.append(recipe.train_step(model, optimizer, schedule, images, targets, hyper.clip_grad_norm))
-            iteration += 1
-            if rank == 0:
-                progress.show(iteration, losses[-1]["loss"])
-            if iteration % hyper.checkpoint_every == 0 or iteration == hyper.iterations:
-                record = {"iteration": iteration, "lr": schedule.get_last_lr()[0], "images_per_s": progress.rate(),
-                          "train_s": round(trained_s + progress.elapsed(), 1),
-                          **{k: float(np.mean([l[k] for l in losses])) for k in losses[0]}}
-                if rank == 0:
-                    record["heldout"] = heldout_ap(bare, heldout, config["categories"])
-                    history.append(record)
-                _report(rank, record, bare, optimizer, schedule, iteration, history, rng)
-                losses = []
-            if iteration >= hyper.iterations:
+            session.step_done(recipe.train_step(model, optimizer, schedule, images, targets, hyper.clip_grad_norm, scaler),
+                              schedule.get_last_lr()[0])
+            if session.iteration >= hyper.iterations:
                 break
 
 
-def heldout_ap(model: torch.nn.Module, heldout: dict[str, list[Any]] | None, categories: list[dict[str, Any]]) -> dict[str, Any]:
+def _detectron2_loop(config: dict[str, Any], hyper: recipe.Hyper, rank: int, workers: int, base: str | None) -> None:
+    """The same through detectron2's SimpleTrainer, its data loader over this worker's shard
+    registered in DatasetCatalog (see train/detectron2.py), a hook reporting to Ray Train."""
+    import ray.train
+    import ray.train.torch
+    from detectron2.engine import HookBase, SimpleTrainer, hooks
+
+    from batchseg.train import detectron2 as d2
+
+    model, optimizer, schedule, cfg = d2.build(hyper.arch, len(config["categories"]), base, hyper)
+    session = _Session(config, hyper, rank, workers, model, optimizer, schedule)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    session.begin(d2.predictor(cfg.INPUT.FORMAT))
+    rows: dict[str, list[Any]] = {"image_id": [], "image": [], "masks": [], "labels": []}
+    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=16, batch_format="numpy"):
+        for key in rows:
+            rows[key] += list(batch[key])
+    loader = d2.train_loader(cfg, rows, config["categories"], rank, hyper.flip, hyper.seed)
+
+    class Report(HookBase):
+        def after_step(self) -> None:
+            storage = self.trainer.storage
+            losses = {k: v.latest() for k, v in storage.histories().items() if k.startswith("loss")}  # rank 0 only
+            session.step_done({"loss": sum(losses.values()), **losses}, optimizer.param_groups[0]["lr"])
+
+    trainer = SimpleTrainer(model, loader, optimizer)
+    trainer.register_hooks([hooks.IterationTimer(), hooks.LRScheduler(optimizer, schedule), Report()])
+    trainer.train(session.iteration, hyper.iterations)
+
+
+class _Session:
+    """What a worker keeps besides the model: the iteration, the metrics history, the RNG, the
+    held-out images (rank 0), progress; restored from Ray Train's checkpoint when there is one."""
+
+    def __init__(self, config: dict[str, Any], hyper: recipe.Hyper, rank: int, workers: int,
+                 model: torch.nn.Module, optimizer, schedule) -> None:
+        import ray.train
+
+        self.hyper, self.rank, self.categories = hyper, rank, config["categories"]
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule  # the bare model, before DDP
+        self.iteration, self.history = 0, []
+        self.rng = np.random.default_rng([hyper.seed, rank])
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self.iteration, self.history, self.rng = _restore(folder, model, optimizer, schedule)
+            self.history.append({"iteration": self.iteration, "resumed": True})
+            if rank == 0:
+                print(f"batchseg train: resumed from the checkpoint of iteration {self.iteration:,}", flush=True)
+        self.trained_s = next((r["train_s"] for r in reversed(self.history) if "train_s" in r), 0.0)
+        self.progress = _Progress(hyper.iterations, hyper.batch_size * workers, self.iteration)
+        self.losses: list[dict[str, float]] = []
+
+    def begin(self, predict) -> None:
+        """Rank 0 reads the held-out images and, before the first iteration, scores the base model."""
+        self.predict = predict
+        self.heldout = _heldout_batch() if self.rank == 0 else None
+        if self.iteration == 0 and self.rank == 0:
+            self.history.append({"iteration": 0, "heldout": self.score()})
+
+    def score(self) -> dict[str, Any]:
+        return heldout_ap(self.model, self.heldout, self.categories, self.predict)
+
+    def step_done(self, losses: dict[str, float], lr: float) -> None:
+        """After each iteration: progress, and every checkpoint_every (and the last) a report."""
+        self.iteration += 1
+        self.losses.append(losses)
+        if self.rank == 0:
+            self.progress.show(self.iteration, losses["loss"])
+        if self.iteration % self.hyper.checkpoint_every and self.iteration != self.hyper.iterations:
+            return
+        record = {"iteration": self.iteration, "lr": lr, "images_per_s": self.progress.rate(),
+                  "train_s": round(self.trained_s + self.progress.elapsed(), 1),
+                  **{k: float(np.mean([step[k] for step in self.losses])) for k in self.losses[0]}}
+        self.losses = []
+        if self.rank == 0:
+            record["heldout"] = self.score()
+            self.history.append(record)
+        _report(self.rank, record, self.model, self.optimizer, self.schedule, self.iteration, self.history, self.rng)
+
+
+def heldout_ap(model: torch.nn.Module, heldout: dict[str, list[Any]] | None, categories: list[dict[str, Any]],
+               predict=recipe.predict) -> dict[str, Any]:
     """COCO segm and bbox AP / AP50 (percent) of `model` on the decoded held-out images, at
-    their decoded (training) size. Empty when there are no held-out images."""
+    their decoded (training) size; `predict(model, images)` as recipe.predict (labels 1-based).
+    Empty when there are no held-out images."""
     if not heldout or not heldout["image"]:
         return {}
     index_to_id = {i: c["id"] for i, c in enumerate(categories, start=1)}
@@ -111,7 +169,7 @@ def heldout_ap(model: torch.nn.Module, heldout: dict[str, list[Any]] | None, cat
                 "id": len(gt["annotations"]) + 1, "image_id": n, "category_id": index_to_id[int(label)], "iscrowd": 0,
                 "segmentation": encode_mask(mask.astype(bool)), "area": int(mask.sum()),
                 "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]})
-        found = recipe.predict(model, [image])[0]
+        found = predict(model, [image])[0]
         detections += recipe.coco_detections(found, n, index_to_id)
     ids = list(range(len(heldout["image"])))
     segm = coco_metrics(gt, [{k: v for k, v in d.items() if k != "bbox"} for d in detections], "segm", ids)

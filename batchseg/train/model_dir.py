@@ -52,4 +52,5 @@ def model_settings(model_dir: str, storage_options: dict[str, Any]) -> dict[str,
         "min_size": card["min_size"],
         "max_size": card["max_size"],
         "model_card": f"{root}/{CARD}",
+        **({"options": card["options"]} if card.get("options") else {}),
     }

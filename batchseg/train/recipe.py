@@ -47,6 +47,7 @@ class Hyper:
     max_size: int = 1333
     flip: float = 0.5  # probability of a horizontal flip
     clip_grad_norm: float = 10.0  # keeps the first iterations from scratch from diverging
+    amp: bool = False  # fp16 autocast with a gradient scaler (CUDA only)
     seed: int = 0
     checkpoint_every: int = 100  # iterations
 
@@ -130,19 +131,29 @@ def boxes_of(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0, y0, x1, y1], 1).float()
 
 
-def train_step(model: torch.nn.Module, optimizer, schedule, images, targets, clip_grad_norm: float) -> dict[str, float]:
-    """One SGD step, gradients clipped to `clip_grad_norm`; returns the losses (floats), "loss"
-    their sum. Raises FloatingPointError when the loss is not finite (a learning rate too high)."""
+def train_step(model: torch.nn.Module, optimizer, schedule, images, targets, clip_grad_norm: float,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One SGD step, gradients clipped to `clip_grad_norm`; with `scaler`, the forward runs
+    under fp16 autocast (CUDA). Returns the losses (floats), "loss" their sum. Raises
+    FloatingPointError when the loss is not finite (a learning rate too high)."""
     model.train()
-    losses = model(images, targets)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+        losses = model(images, targets)
     loss = sum(losses.values())
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"training loss is {loss.item()} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
                                  "lower --lr")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
     schedule.step()
     return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
 
