@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from typing import Any
 
@@ -130,7 +131,7 @@ def train_command(args: argparse.Namespace) -> int:
     if card is not None:
         print(f"batchseg train: {spec.output} holds this model, finished (same data and settings); nothing to train")
     else:
-        _start_ray(args.ray_address)
+        _start_ray(args.ray_address, spec.workers * spec.cpus_per_worker)
         card = train(spec, planned)
     print(summary_line(card, spec.output))
     return EXIT_OK
@@ -147,7 +148,10 @@ def summary_line(card: dict[str, Any], output: str) -> str:
             f"({card['data']['images']['heldout']} images) -> {output}")
 
 
-def _start_ray(address: str | None) -> None:
+def _start_ray(address: str | None, worker_cpus: float) -> None:
+    """Attach to --ray-address / RAY_ADDRESS, else start a local Ray. A local Ray gets at least
+    one CPU more than the workers take: Ray Data's decode tasks need one, and with every CPU
+    held by a worker they would never run (2 workers on a 2-core machine)."""
     import ray
 
     from batchseg import console
@@ -155,5 +159,7 @@ def _start_ray(address: str | None) -> None:
     if not ray.is_initialized():
         console.before_ray_init()
         # as `batchseg run`: a bare ray.init() would attach to whatever cluster /tmp/ray last recorded
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        cpus = max(os.cpu_count() or 1, math.ceil(worker_cpus) + 1) if address == "local" else None
+        ray.init(address=address, num_cpus=cpus)
 

@@ -164,6 +164,9 @@ def train(spec: TrainSpec, planned: tuple[training_data.TrainingData, WeightsRef
             weights = f.read()
         with open(f"{folder}/metrics.jsonl") as f:
             history = [json.loads(line) for line in f if line.strip()]
+    if history[-1]["iteration"] != spec.hyper.iterations:  # stopped (Ctrl-C) between two checkpoints
+        raise RuntimeError(f"training stopped at iteration {history[-1]['iteration']} of {spec.hyper.iterations}; "
+                           "the same command resumes from there")
     card = _card(spec, split, base, identity, weights, history, time.monotonic() - started)
     _write(spec, WEIGHTS, weights)
     _write(spec, WEIGHTS + ".sha256", f"{card['weights']['sha256']}  {WEIGHTS}\n".encode())
@@ -220,8 +223,9 @@ def _fit(spec: TrainSpec, split: training_data.TrainingData, base: WeightsRef | 
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training ended without a checkpoint ({result.error})")
+    if result.error is not None or result.checkpoint is None:
+        raise RuntimeError(f"training stopped before its end ({result.error or 'no checkpoint'}); "
+                           "the same command resumes from the newest checkpoint")
     return result.checkpoint
 
 

@@ -119,3 +119,39 @@ def test_cli_refuses_bad_flags_before_ray_starts(scenes, tmp_path, capsys):
     assert code == 2 and "not found" in capsys.readouterr().err
     code = main(["train", "--data", str(scenes / "ground_truth.json"), "--output", str(tmp_path / "m"), "--lr", "0"])
     assert code == 2 and "--lr 0.0: give a positive learning rate" in capsys.readouterr().err
+
+
+def test_a_config_file_gives_the_flags_and_flags_override_it(scenes, tmp_path, capsys):
+    from batchseg.cli.main import build_parser
+    from batchseg.cli.train import spec_from_args
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data: {scenes / 'ground_truth.json'}\noutput: {tmp_path / 'm'}\niterations: 7\nlr: 0.5\n"
+                      "arch: maskrcnn_resnet18_fpn\nmin-size: 96\n")
+    spec = spec_from_args(build_parser().parse_args(["train", "--config", str(config), "--lr", "0.02"]))
+    assert (spec.hyper.iterations, spec.hyper.lr, spec.hyper.min_size, spec.hyper.arch) == (7, 0.02, 96, ARCH)
+    assert spec.data == str(scenes / "ground_truth.json")
+    config.write_text("iteratons: 7\n")
+    assert main(["train", "--config", str(config), "--data", "x.json", "--output", "m"]) == 2
+    assert "unknown setting 'iteratons'; did you mean 'iterations'?" in capsys.readouterr().err
+
+
+def test_run_model_dir_takes_the_card_and_flags_override_it(tmp_path):
+    from batchseg.cli.main import build_parser
+    from batchseg.cli.run import config_from_args
+
+    model = tmp_path / "v2"
+    model.mkdir()
+    (model / "weights.pt").write_bytes(b"x")
+    (model / "model_card.json").write_text(json.dumps({
+        "backend": "torchvision", "model": ARCH, "weights": {"file": "weights.pt", "sha256": "ab" * 32},
+        "label_map": "label_map.json", "min_size": 112, "max_size": 192}))
+    args = build_parser().parse_args(["run", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                                      "--model-dir", str(model), "--max-size", "256"])
+    m = config_from_args(args).models["instance"]
+    assert (m.backend, m.model, m.weights, m.weights_sha256, m.label_map, m.min_size, m.max_size, m.model_card) == (
+        "torchvision", ARCH, f"{model}/weights.pt", "ab" * 32, f"{model}/label_map.json", 112, 256, f"{model}/model_card.json")
+    args = build_parser().parse_args(["run", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                                      "--model-dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="no model_card.json there; give a folder `batchseg train` finished writing"):
+        config_from_args(args)

@@ -1,6 +1,6 @@
-"""`batchseg train` on Ray Train, end to end, with real parts: a local Ray cluster started by
-the command (2 CPUs), CPU workers on gloo, Ray Data decoding, checkpoints on disk, real
-process kills (SIGKILL of a RayTrainWorker process, then of the command itself), pycocotools
+"""`batchseg train` on Ray Train, end to end, with real parts: a local Ray cluster (3 CPUs: two
+for the workers, one for Ray Data's decode tasks) the commands attach to, CPU workers on gloo, Ray Data decoding, checkpoints on disk, real
+process kills (SIGKILL of a RayTrainWorker process; Ctrl-C of the command itself), pycocotools
 for held-out AP, and `batchseg run --model-dir` loading the result.
 
 Sizes are small (64-128 px images, a ResNet-18 FPN, tens of iterations) so that a test takes a
@@ -37,6 +37,28 @@ def scenes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cluster():
+    """One head node for the module's commands (`--ray-address`): started once, not per command."""
+    from ray.cluster_utils import Cluster
+
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    yield head.address
+    head.shutdown()
+
+
+def raylet_of(address: str) -> int:
+    """The pid of the raylet of the cluster at `address` (the parent of its worker processes)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and cmd[0].endswith(b"/raylet") and f"--gcs-address={address}".encode() in cmd:
+            return int(entry.name)
+    raise AssertionError(f"no raylet of {address}")
+
+
+@pytest.fixture(scope="module")
 def base_weights(tmp_path_factory):
     """A random initialisation saved to a file: torchvision weights cannot be downloaded here."""
     from batchseg.train.recipe import build_model
@@ -51,9 +73,10 @@ def batchseg(*args: str) -> list[str]:
     return [sys.executable, "-m", "batchseg", *args]
 
 
-def train_args(scenes: Path, out: Path, base: Path, *extra: str) -> list[str]:
+def train_args(scenes: Path, out: Path, base: Path, address: str, *extra: str) -> list[str]:
     return batchseg("train", "--data", str(scenes / "ground_truth.json"), "--images", str(scenes / "images"),
-                    "--output", str(out), "--arch", ARCH, "--base-weights", str(base), "--min-images", "8", *extra)
+                    "--output", str(out), "--arch", ARCH, "--base-weights", str(base), "--min-images", "8",
+                    "--ray-address", address, *extra)
 
 
 def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -67,9 +90,9 @@ def history(model: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(900)
-def test_training_beats_the_base_model_and_batchseg_run_loads_the_result(scenes, base_weights, tmp_path):
+def test_training_beats_the_base_model_and_batchseg_run_loads_the_result(scenes, base_weights, cluster, tmp_path):
     model = tmp_path / "model"
-    done = run(train_args(scenes, model, base_weights, "--iterations", "60", "--checkpoint-every", "30",
+    done = run(train_args(scenes, model, base_weights, cluster, "--iterations", "60", "--checkpoint-every", "30",
                           "--min-size", "96", "--max-size", "160", "--lr", "0.01"), timeout=800)
     card = json.loads((model / "model_card.json").read_text())
     assert "held-out segm AP/AP50" in done.stdout.splitlines()[-1]
@@ -91,7 +114,7 @@ def test_training_beats_the_base_model_and_batchseg_run_loads_the_result(scenes,
 
     out = tmp_path / "run"
     run(batchseg("run", "--input", str(scenes / "images" / "shapes"), "--output", str(out), "--model-dir", str(model),
-                 "--device", "cpu", "--score-threshold", "0.3"), timeout=400)
+                 "--device", "cpu", "--score-threshold", "0.3", "--ray-address", cluster), timeout=400)
     from batchseg.store.results import open_results
 
     rows = list(open_results(str(out)).rows())
@@ -103,25 +126,24 @@ def test_training_beats_the_base_model_and_batchseg_run_loads_the_result(scenes,
     assert task["model_card"] == f"{model}/model_card.json"
     assert task["weights_sha256"] == card["weights"]["sha256"]
 
-    again = run(train_args(scenes, model, base_weights, "--iterations", "60", "--checkpoint-every", "30",
+    again = run(train_args(scenes, model, base_weights, cluster, "--iterations", "60", "--checkpoint-every", "30",
                            "--min-size", "96", "--max-size", "160", "--lr", "0.01"), timeout=120)
     assert "nothing to train" in again.stdout
 
 
 @pytest.mark.timeout(900)
-def test_a_killed_worker_and_a_killed_command_resume_from_the_checkpoint(scenes, base_weights, tmp_path):
+def test_a_killed_worker_and_a_stopped_command_resume_from_the_checkpoint(scenes, base_weights, cluster, tmp_path):
     model = tmp_path / "model"
-    cmd = train_args(scenes, model, base_weights, "--workers", "2", "--iterations", "16", "--checkpoint-every", "2",
+    cmd = train_args(scenes, model, base_weights, cluster, "--workers", "2", "--iterations", "16", "--checkpoint-every", "2",
                      "--min-size", "64", "--max-size", "96")
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_checkpoint(model, 2, first)
-        worker = next(iter(descendants(first.pid, "RayTrainWorker")))
-        os.kill(worker, signal.SIGKILL)
+        os.kill(train_worker(raylet_of(cluster)), signal.SIGKILL)
         killed_at = newest_checkpoint(model)
         wait_for_checkpoint(model, killed_at + 4, first)  # resumed, and on
-        first.send_signal(signal.SIGKILL)
-        first.wait(60)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: the command stops, and Ray its training with it
+        assert first.wait(120) == 130
     finally:
         if first.poll() is None:
             first.kill()
@@ -154,24 +176,13 @@ def wait_for_checkpoint(model: Path, iteration: int, process: subprocess.Popen, 
         time.sleep(0.5)
 
 
-def descendants(pid: int, title: str) -> list[int]:
-    """Processes under `pid` (the command's local Ray runs below it) whose command line holds `title`."""
-    children: dict[int, list[int]] = {}
+def train_worker(raylet: int) -> int:
+    """The pid of a RayTrainWorker process under `raylet` (Ray sets it as the process title)."""
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                if title in (Path("/proc") / str(child) / "cmdline").read_text():
-                    found.append(child)
-            except OSError:
-                continue
-    assert found, f"no {title} process under {pid}"
-    return found
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == raylet and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                return int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    raise AssertionError(f"no RayTrainWorker process under raylet {raylet}")
