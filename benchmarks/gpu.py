@@ -101,7 +101,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from batchseg.config import JobConfig, ModelConfig  # noqa: E402
 from batchseg.inputs.imaging import ShortestEdge  # noqa: E402
 from batchseg.predictors.base import autocast  # noqa: E402
-from batchseg.predictors.torchvision import _PreResizedTransform  # noqa: E402
+from batchseg.predictors.torchvision import PreResizedTransform  # noqa: E402
 from batchseg.run import stages  # noqa: E402
 from batchseg.store.ledger import done_key  # noqa: E402
 
@@ -476,7 +476,7 @@ def keypoint_figures(sizes: Any, device: Device, inputs: list[torch.Tensor], box
     """Model-only: batchseg has no torchvision keypoint backend, so no stage to run it in."""
     model = torchvision.models.detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     t = model.transform
-    model.transform = _PreResizedTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
+    model.transform = PreResizedTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
     model = model.eval().to(device.name)
     fewer_proposals(model, sizes)
     ForcedDetections(model, boxes, (sizes.height, sizes.width), [1] * len(boxes))

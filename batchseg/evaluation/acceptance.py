@@ -48,7 +48,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
 from batchseg.config import ConfigError
-from batchseg.evaluation.evaluate import _cocoeval, _for_iou_type
+from batchseg.evaluation.evaluate import _for_iou_type, coco_metrics
 from batchseg.store.results import Results, run_of
 from batchseg.store.reviews import Reviews
 
@@ -182,7 +182,7 @@ def acceptance(results: Results, reviews: Reviews, tasks_path: str | None = None
     }
     if with_ap and gt["annotations"]:
         image_ids = [img["id"] for img in gt["images"]]
-        report["ap"] = {t: _cocoeval(gt, _for_iou_type(detections, t), t, image_ids) for t in ("bbox", "segm")}
+        report["ap"] = {t: coco_metrics(gt, _for_iou_type(detections, t), t, image_ids) for t in ("bbox", "segm")}
     return report
 
 
