@@ -147,6 +147,16 @@ class JobConfig(_Strict):
     num_actors: StrictInt | None = Field(None, gt=0, description="predictor actors; None = one per GPU")
     max_actors: StrictInt | None = Field(None, gt=0, description="autoscale the pool up to this many")
     gpus_per_actor: StrictFloat = Field(1.0, gt=0)
+    actor_resource: str | None = Field(
+        None, min_length=1, description="a custom Ray resource each predictor actor also asks one unit of: the pool "
+                                        "goes only to nodes that offer it (docs/cluster.md)")
+    max_retries: StrictInt = Field(3, ge=0, description="retries of a task, restarts of a predictor actor and "
+                                                        "retries of its calls, each, after a worker or node dies")
+    stall_timeout_s: StrictFloat = Field(180.0, gt=0, description="no image finished for this long while Ray "
+                                                                   "holds demands no node can meet: say so")
+    stall_deadline_s: StrictFloat | None = Field(
+        900.0, gt=0, description="stalled this long with no autoscaler to add a node: stop with exit code 5 "
+                                 "(None: wait for ever)")
     read_rows_per_block: StrictInt = Field(16, gt=0, description="images per read/decode task")
     rows_per_file: StrictInt = Field(2000, gt=0, description="least rows per output Parquet file")
     max_image_pixels: StrictInt = Field(89_478_485, gt=0, description="decompression-bomb limit")
@@ -219,6 +229,9 @@ class JobConfig(_Strict):
             raise ValueError("decode_on_device needs CUDA; set device: cuda (or auto), or decode_on_device: false on CPU")
         if self.max_actors is not None and self.max_actors < (self.num_actors or 1):
             raise ValueError("max_actors must be >= num_actors")
+        if self.stall_deadline_s is not None and self.stall_deadline_s < self.stall_timeout_s:
+            raise ValueError(f"stall_deadline_s ({self.stall_deadline_s:g}) must be >= stall_timeout_s "
+                             f"({self.stall_timeout_s:g}): the stall is reported before the run stops")
         return self
 
     def storage_options(self, uri: str) -> dict[str, Any]:

@@ -131,7 +131,8 @@ def pipeline_child(root: str, options: str, split: str) -> None:
     units = sources.split_folder(folder, storage_options) if split == "split" else [folder]
     planned = time.perf_counter() - start
     arrivals = []
-    ds = pipeline.listing(units, StorageConfig(endpoint_url=endpoint), DoneSet(None), 1000)  # few blocks: the driver keeps up
+    cpus, retries = int(ray.cluster_resources()["CPU"]), 3
+    ds = pipeline.listing(units, StorageConfig(endpoint_url=endpoint), DoneSet(None), 1000, cpus, retries)  # few blocks: the driver keeps up
     for batch in ds.iter_batches(batch_size=None, prefetch_batches=0):
         arrivals.append((time.perf_counter() - start, len(batch["uri"])))
     at, counts = np.array(arrivals).T

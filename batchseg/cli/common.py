@@ -15,7 +15,7 @@ from batchseg.errors import user_error
 
 DESCRIPTION = "`batchseg run | export FORMAT | eval | render | review | push TOOL`: annotate images, then get the results out."
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_FAILURE_BUDGET, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_FAILURE_BUDGET, EXIT_LOCKED, EXIT_STALLED = 0, 1, 2, 3, 4, 5
 
 EXIT_CODES = """exit codes:
   0  done
@@ -26,6 +26,9 @@ RUN_EXIT_CODES = EXIT_CODES + """\
   3  the run finished, but more images failed than max_failed_fraction allows
      (OUTPUT/runs/RUN_ID.failed/part-*.jsonl list them)
   4  another run is writing to the same output (it holds OUTPUT/_lease.json)
+  5  stalled: no image finished for stall_deadline_s while Ray waited for resources no node
+     had and no autoscaler could add; what was written stays, the next run resumes
+     (docs/cluster.md: reading the stall line)
 """
 
 RESULTS_HELP = "a run's output folder (or its annotations/ folder), local or s3://"

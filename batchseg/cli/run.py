@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from batchseg.cli.common import EXIT_FAILURE_BUDGET, EXIT_OK, RUN_EXIT_CODES, command, storage_config, storage_flags
+from batchseg.cli.common import EXIT_FAILURE_BUDGET, EXIT_OK, EXIT_STALLED, RUN_EXIT_CODES, command, storage_config, storage_flags
 from batchseg.config import ConfigError, JobConfig, ModelConfig, load_config, parse_override
 from batchseg.train.model_dir import model_settings
 
@@ -127,9 +127,15 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(job.model_dump(mode="json"), indent=2))
         return EXIT_OK
-    with job_module.hold_output(job) as held:
-        _start_ray(job)
-        summary = job_module.run(job, prepared, held)
+    from batchseg.run.stall import RunStalled
+
+    try:
+        with job_module.hold_output(job) as held:
+            _start_ray(job)
+            summary = job_module.run(job, prepared, held)
+    except RunStalled as e:
+        print(f"batchseg: stopped, stalled: {e}. What was written stays; run again to resume.", file=sys.stderr)
+        return EXIT_STALLED
     print(_summary_line(summary))
     if summary["status"] == "failure_budget_exceeded":
         print(f"batchseg: {summary['failed_fraction']:.1%} of images failed, over max_failed_fraction="

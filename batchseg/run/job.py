@@ -13,7 +13,7 @@ import ray
 from fsspec.core import url_to_fs
 
 from batchseg import console
-from batchseg.run import inflight, meter, pipeline, provenance, report, tracking
+from batchseg.run import inflight, meter, pipeline, placement, provenance, report, stall, tracking
 from batchseg.store import lease, ledger
 from batchseg.inputs import manifests, names, sources
 from batchseg.config import ConfigError, JobConfig
@@ -189,26 +189,33 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     started = time.time()
     head = _head(job, run_id, prepared, started)
     write_json(join(job.output, RUNS, f"{run_id}.json"), head, opts)
+    watcher = None
     try:
         journal, timers = inflight.start_journal(), meter.start_meter()
         # Planning runs in a Ray task while the pipeline starts: listing tasks wait for the
         # done keys, the predictor actors load their models meanwhile.
         done_ref, planned_ref = ray.remote(**ledger.PLAN_TASK)(ledger.plan).remote(
             job.output, opts, prepared.fingerprints, job.retry_failed, job.skip_reviewed)
-        where = pipeline.place(job)
-        log.info("run %s: predictors %d..%d actor(s) on %s", run_id, where.actors, where.max_actors, where.device)
+        where = placement.place(job)
+        log.info("run %s: predictors %d..%d actor(s) on %s, on %s", run_id, where.actors, where.max_actors,
+                 where.device, where.shape())
         sink = RunSink(job.output, opts, run_id, job.rows_per_file, [TASK_TABLE[t].column for t in job.tasks],
                        fence=held.fence())
         dataset = pipeline.build(job, where, ledger.DoneSet(done_ref, run_id, ledger.models_digest(prepared.fingerprints)),
                                  prepared.weights, journal, prepared.units, timers)
         console.count_images_with(lambda: ray.get(timers.counts.remote()))
         try:
-            pipeline.write(dataset, sink)
+            with stall.Watcher(journal, where, job.stall_timeout_s, job.stall_deadline_s) as watcher:
+                pipeline.write(dataset, sink, job.max_retries)
+                planned = ray.get(planned_ref)
         finally:
             console.count_images_with(None)
-        planned = ray.get(planned_ref)
         tracked = tracking.track_run(job, run_id) if job.video.track else None
     except BaseException as e:
+        if watcher is not None and watcher.stalled:  # the watcher interrupted the driver
+            e = stall.RunStalled(watcher.stalled)
+            _record_end(join(job.output, RUNS, f"{run_id}.json"), head, e, held, opts)
+            raise e from None
         _record_end(join(job.output, RUNS, f"{run_id}.json"), head, e, held, opts)
         raise
     if planned["runs"]:
@@ -217,7 +224,7 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     stats = dataset.stats()
     summary = report.summary(head, sink.counts, planned, time.time() - started, where, stats,
                              job.max_failed_fraction, join(job.output, RUNS, f"{run_id}.failed"),
-                             ray.get(timers.figures.remote()), started)
+                             ray.get(timers.figures.remote()), started, cluster_report(where, journal))
     if tracked is not None:
         summary["tracks"] = tracked
     held.check()
@@ -227,14 +234,27 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
     return summary
 
 
+def cluster_report(where: placement.Placement, journal: Any) -> dict[str, Any]:
+    """{"shape": at the start, "nodes_lost": [{node_id, address, resources}] of the nodes the run
+    started with that are gone now, "retries": {what: count} (inflight.Journal.figures)}."""
+    alive = {n.node_id for n in placement.alive_nodes()}
+    lost = [{"node_id": n.node_id, "address": n.address, "resources": n.resources}
+            for n in where.nodes if n.node_id not in alive]
+    for n in lost:
+        log.warning("node %s (%s) was lost during the run", n["node_id"], n["address"])
+    return {"shape": where.shape(), "nodes_lost": lost, "retries": ray.get(journal.figures.remote())["retries"]}
+
+
 def _record_end(path: str, head: dict[str, Any], e: BaseException, held: lease.Lease, opts: dict[str, Any]) -> None:
     """Mark the run's report "interrupted" (Ctrl-C; SIGTERM from `ray job stop` or a scheduler,
-    which ray.init's handler turns into SystemExit; a lost lease) or "failed", so that a report
+    which ray.init's handler turns into SystemExit; a lost lease), "stalled" (stall.RunStalled)
+    or "failed", so that a report
     left "running" means only a run that is running or was killed outright. Skipped when the
     lease is gone: the output is another run's now."""
     try:
         held.check()
-        status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+        status = ("interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else
+                  "stalled" if isinstance(e, stall.RunStalled) else "failed")
         write_json(path, {**head, "status": status, "error": one_line(e) or type(e).__name__,
                           "ended_at": datetime.now(timezone.utc).isoformat()}, opts)
     except Exception as why:

@@ -13,13 +13,15 @@ _PACKAGES = ("batchseg", "torch", "torchvision", "detectron2", "ray", "pyarrow",
 
 def summary(head: dict[str, Any], counts: dict[str, Any], planned: dict[str, Any], wall: float, where: Any,
             stats_text: str, max_failed_fraction: float | None, failed_list: str,
-            actor_times: dict[str, dict[str, Any]] | None = None, started: float | None = None) -> dict[str, Any]:
+            actor_times: dict[str, dict[str, Any]] | None = None, started: float | None = None,
+            cluster: dict[str, Any] | None = None) -> dict[str, Any]:
     """The finished run's report: `head` (identity, provenance, config) plus what landed.
 
     counts: the sink's totals (batchseg.store.sink.count, added up over write tasks).
-    planned: ledger.plan's figures. where: the pipeline's Placement. actor_times: the run's
+    planned: ledger.plan's figures. where: the run's placement.Placement. actor_times: the run's
     meter figures (batchseg.run.meter: actor id -> ActorTimes as a dict). started: the run's
-    start, Unix time.
+    start, Unix time. cluster: its shape, the nodes lost during the run and the retries
+    counted (job.cluster_report).
     """
     images = counts["images"]
     failed_fraction = images["failed"] / images["in"] if images["in"] else 0.0
@@ -43,7 +45,8 @@ def summary(head: dict[str, Any], counts: dict[str, Any], planned: dict[str, Any
         "images_per_s": round(images["in"] / wall, 3) if wall > 0 else None,
         "device": where.device,
         "actors": {"min": where.actors, "max": where.max_actors, "gpus_each": where.gpus_per_actor,
-                   "cpus_each": where.cpus_per_actor},
+                   "cpus_each": where.cpus_per_actor, "resources_each": where.resources},
+        "cluster": cluster,
     }
 
 

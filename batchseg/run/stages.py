@@ -120,9 +120,10 @@ def _segmented(page: dict[str, np.ndarray], storage: StorageConfig, video: Video
 
 def read_batch(batch: dict[str, np.ndarray], storage: StorageConfig, done: DoneSet,
                rows_per_batch: int, video: VideoConfig = VideoConfig(),
-               meter: Any = None) -> Iterator[dict[str, np.ndarray]]:
+               meter: Any = None, journal: Any = None) -> Iterator[dict[str, np.ndarray]]:
     """_read_batch, telling `meter` (the run's meter; None: nobody) how many marker rows it
-    added, so that the progress line counts images only."""
+    added, so that the progress line counts images only, and `journal` when this task is a retry."""
+    inflight.note_retry(journal, "read")
     markers = 0
     for block in _read_batch(batch, storage, done, rows_per_batch, video):
         markers += int(np.count_nonzero(block["members"] >= 0))
@@ -366,6 +367,7 @@ class Annotate:
         self.decodes, self.max_pixels = decodes, job.max_image_pixels
         self.preprocessors, self.image_column = preprocess_plan(self.models)
         self.device, self.journal = device, journal
+        inflight.note_actor(journal)
         self.backends, self.allowed = {}, {}
         for task, cfg in self.models.items():
             backend = backend_class(cfg.backend, task)

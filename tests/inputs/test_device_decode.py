@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from batchseg.run import pipeline
+from batchseg.run import placement
 from batchseg.config import ConfigError, load_config
 from batchseg.inputs.imaging import ShortestEdge, decode_rgb, device_jpeg_header
 from batchseg.predictors.base import preprocess_plan
@@ -203,11 +203,10 @@ def test_decode_on_device_needs_a_backend_that_preprocesses_on_the_device(tmp_pa
         preflight(job)
 
 
-def test_auto_on_a_cpu_cluster_says_decode_on_device_is_off(monkeypatch, caplog):
-    monkeypatch.setattr(pipeline.ray, "cluster_resources", lambda: {"CPU": 2.0})
+def test_auto_on_a_cpu_cluster_says_decode_on_device_is_off(caplog):
     job = load_config(None, [(["inputs"], ["/x"]), (["output"], "/o"), (["decode_on_device"], True)])
-    with caplog.at_level(logging.INFO, logger="batchseg.run.pipeline"):
-        assert pipeline.place(job).device == "cpu"
+    with caplog.at_level(logging.INFO, logger="batchseg.run.placement"):
+        assert placement.place(job, (placement.Node("n", "127.0.0.1", {"CPU": 2.0}),)).device == "cpu"
     assert "decode_on_device is off: device auto resolved to cpu" in caplog.text
 
 

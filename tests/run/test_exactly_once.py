@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from batchseg.run import inflight, job, pipeline
+from batchseg.run import inflight, job, pipeline, placement
 from batchseg.config import load_config
 from batchseg.store.ledger import DoneSet
 from tests.conftest import read_rows, relative_name, run_job
@@ -21,9 +21,9 @@ def test_a_write_task_retried_after_its_commit_adds_no_rows(ray_cluster, samples
                              (["models"], {"instance": ORACLE}), (["rows_per_file"], 4)])
     prepared = job.preflight(cfg)
     sink = DiesAfterCommit(cfg.output, {}, "r1", cfg.rows_per_file, ["instances"], marker=str(tmp_path / "died"))
-    ds = pipeline.build(cfg, pipeline.place(cfg), DoneSet(None), prepared.weights, inflight.start_journal(),
+    ds = pipeline.build(cfg, placement.place(cfg), DoneSet(None), prepared.weights, inflight.start_journal(),
                         prepared.units)
-    pipeline.write(ds, sink)
+    pipeline.write(ds, sink, cfg.max_retries)
     assert (tmp_path / "died").exists()  # a write task really died after committing
     rows = read_rows(str(tmp_path / "out/annotations"))
     names = [relative_name(r["image_uri"], samples.root) for r in rows]
