@@ -90,7 +90,7 @@ def history(model: Path) -> list[dict]:
     return [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_training_beats_the_base_model_and_batchseg_run_loads_the_result(scenes, base_weights, cluster, tmp_path):
     model = tmp_path / "model"
     done = run(train_args(scenes, model, base_weights, cluster, "--iterations", "60", "--checkpoint-every", "30",
@@ -136,7 +136,7 @@ def test_training_beats_the_base_model_and_batchseg_run_loads_the_result(scenes,
     assert "nothing to train" in again.stdout
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_a_killed_worker_and_a_stopped_command_resume_from_the_checkpoint(scenes, base_weights, cluster, tmp_path):
     model = tmp_path / "model"
     cmd = train_args(scenes, model, base_weights, cluster, "--workers", "2", "--iterations", "16", "--checkpoint-every", "2",
