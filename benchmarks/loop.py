@@ -106,7 +106,8 @@ def split_images(gt: dict, images: Path) -> tuple[dict[int, list], dict[int, lis
     reviewed, unreviewed = {}, {}
     for img in gt["images"]:
         key = image_id(canonical_uri(str(images.parent / img["file_name"])))
-        side = unreviewed if is_heldout(key, UNREVIEWED) else reviewed
+        # the top of the hash range: training's own held-out split (the bottom) stays among the reviewed
+        side = reviewed if is_heldout(key, 1 - UNREVIEWED) else unreviewed
         side[key] = (img["file_name"], anns.get(img["id"], []))
     return reviewed, unreviewed
 

@@ -181,8 +181,9 @@ def _heldout_batch() -> dict[str, list[Any]] | None:
     """Every decoded held-out image (rank 0 only; the held-out dataset is not split)."""
     import ray.train
 
-    dataset = ray.train.get_dataset_shard("heldout")
-    if dataset is None:
+    try:
+        dataset = ray.train.get_dataset_shard("heldout")
+    except KeyError:  # no image fell in the held-out split: the driver passes no such dataset
         return None
     out: dict[str, list[Any]] = {"image": [], "masks": [], "labels": []}
     for batch in dataset.iter_batches(batch_size=16, batch_format="numpy"):
