@@ -75,7 +75,11 @@ def send(meter: Any, method: str, *args: Any) -> None:
 
 
 def start_meter() -> Any:
-    """The run's meter (driver side); pass its handle to the predictor actors."""
+    """The run's meter (driver side), pinned to the driver's node like the journal: on a worker
+    node it died with that node and took the listing tasks that report to it down with it. Pass
+    its handle to the stages."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(Meter).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(Meter).options(scheduling_strategy=here).remote()
