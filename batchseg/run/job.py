@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -204,6 +207,7 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
         dataset = pipeline.build(job, where, ledger.DoneSet(done_ref, run_id, ledger.models_digest(prepared.fingerprints)),
                                  prepared.weights, journal, prepared.units, timers)
         console.count_images_with(lambda: ray.get(timers.counts.remote()))
+        _exit_on_sigterm()
         try:
             with stall.Watcher(journal, where, job.stall_timeout_s, job.stall_deadline_s) as watcher:
                 pipeline.write(dataset, sink, job.max_retries)
@@ -243,6 +247,15 @@ def cluster_report(where: placement.Placement, journal: Any) -> dict[str, Any]:
     for n in lost:
         log.warning("node %s (%s) was lost during the run", n["node_id"], n["address"])
     return {"shape": where.shape(), "nodes_lost": lost, "retries": ray.get(journal.figures.remote())["retries"]}
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a scheduler) raises SystemExit(15) in the driver, which _record_end
+    marks "interrupted". ray.init sets the same handler, but by the time the pipeline runs, Ray's
+    native failure handler was seen to win (the driver aborted, exit -6, its report left
+    "running"), so it is set again here, after every Ray call that starts this run."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
 
 
 def _record_end(path: str, head: dict[str, Any], e: BaseException, held: lease.Lease, opts: dict[str, Any]) -> None:
