@@ -98,6 +98,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from benchmarks.matching import greedy_pairs  # noqa: E402
+
 from batchseg.config import JobConfig, ModelConfig  # noqa: E402
 from batchseg.inputs.imaging import ShortestEdge  # noqa: E402
 from batchseg.predictors.base import autocast  # noqa: E402
@@ -417,18 +419,10 @@ def match(a: list[dict], b: list[dict]) -> tuple[list[float], list[float], int]:
     box_iou = mask_util.iou([x["bbox"] for x in a], [y["bbox"] for y in b], [0] * len(b))
     same_class = np.array([[x["category_id"] == y["category_id"] for y in b] for x in a])
     box_iou = np.where(same_class, box_iou, 0)
-    deltas, ious, used_a, used_b = [], [], set(), set()
-    for flat in np.argsort(-box_iou, axis=None):
-        i, j = divmod(int(flat), box_iou.shape[1])
-        if box_iou[i, j] < 0.5:
-            break
-        if i in used_a or j in used_b:
-            continue
-        used_a.add(i)
-        used_b.add(j)
-        deltas.append(abs(a[i]["score"] - b[j]["score"]))
-        rle = lambda s: {"size": s["size"], "counts": s["counts"].encode()}  # noqa: E731
-        ious.append(float(mask_util.iou([rle(a[i]["segmentation"])], [rle(b[j]["segmentation"])], [0])[0, 0]))
+    pairs = greedy_pairs(box_iou)
+    deltas = [abs(a[i]["score"] - b[j]["score"]) for i, j in pairs]
+    rle = lambda s: {"size": s["size"], "counts": s["counts"].encode()}  # noqa: E731
+    ious = [float(mask_util.iou([rle(a[i]["segmentation"])], [rle(b[j]["segmentation"])], [0])[0, 0]) for i, j in pairs]
     return deltas, ious, len(a) + len(b) - 2 * len(ious)
 
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from batchseg.rows.encoding import encode_densepose, encode_instances, encode_panoptic  # noqa: E402
 from batchseg.predictors.base import CroppedMasks, DensePose, Detections, Panoptic, PanopticSegment  # noqa: E402
 from tests import reference_encoding as reference  # noqa: E402
+from benchmarks.matching import greedy_pairs  # noqa: E402
 
 SCENES = [(1080, 1920, 20), (3000, 4000, 50)]
 
@@ -303,18 +304,8 @@ def _match(a: Detections, b: Detections) -> tuple[np.ndarray, np.ndarray]:
     xywh = lambda boxes: np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]])  # noqa: E731
     box_iou = mask_util.iou(xywh(a.boxes).astype(np.float64), xywh(b.boxes).astype(np.float64), [0] * len(b.boxes))
     box_iou[a.category_ids[:, None] != b.category_ids[None, :]] = 0
-    deltas, pairs = [], []
-    used_a, used_b = set(), set()
-    for flat in np.argsort(-box_iou, axis=None):
-        i, j = divmod(int(flat), box_iou.shape[1])
-        if box_iou[i, j] < 0.5:
-            break
-        if i in used_a or j in used_b:
-            continue
-        used_a.add(i)
-        used_b.add(j)
-        deltas.append(abs(float(a.scores[i]) - float(b.scores[j])))
-        pairs.append((i, j))
+    pairs = greedy_pairs(box_iou)
+    deltas = [abs(float(a.scores[i]) - float(b.scores[j])) for i, j in pairs]
     ra = encode_masks(a.masks, np.array([i for i, _ in pairs], int))
     rb = encode_masks(b.masks, np.array([j for _, j in pairs], int))
     ious = [mask_util.iou([_rle(x)], [_rle(y)], [0])[0, 0] if x["counts"] != y["counts"] else 1.0 for x, y in zip(ra, rb)]
