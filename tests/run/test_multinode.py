@@ -118,9 +118,16 @@ def test_stall_settings_are_checked_before_anything_starts():
 @pytest.fixture
 def clusters():
     """Makes local multi-node clusters; kills every node at the end (one by one: Cluster.shutdown
-    would also reset this process's Ray client state)."""
-    from ray.cluster_utils import Cluster
+    would also reset this process's Ray client state).
 
+    Starting a head node here points this process's internal-KV client at that cluster's GCS;
+    once the cluster is gone, the session's own Ray (tests/conftest.py `ray_cluster`) would call
+    the dead GCS and, after 60 s, Ray terminates the whole pytest process (exit 1, no summary). So
+    the session's client is put back."""
+    from ray.cluster_utils import Cluster
+    from ray.experimental import internal_kv
+
+    sessions_kv = internal_kv.internal_kv_get_gcs_client()
     made = []
 
     def make(head_cpus: int, *workers: dict) -> tuple[Cluster, list]:
@@ -135,6 +142,10 @@ def clusters():
             cluster.remove_node(n, allow_graceful=False)
         if cluster.head_node is not None:
             cluster.remove_node(cluster.head_node, allow_graceful=False)
+    if sessions_kv is not None:
+        internal_kv._initialize_internal_kv(sessions_kv)
+    else:
+        internal_kv._internal_kv_reset()
 
 
 @pytest.fixture(scope="module")
