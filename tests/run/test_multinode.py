@@ -23,6 +23,7 @@ from batchseg.samples import write_samples
 from tests.conftest import REPO, read_rows
 
 ORACLE = "tests.oracle:ColorKeyBackend"
+SLOW = "tests.run.multinode_parts:SlowColorKey"
 
 
 def node(cpus: float, **resources: float) -> placement.Node:
@@ -236,6 +237,23 @@ def test_a_shape_that_cannot_run_says_so_exits_5_and_the_next_run_finishes(clust
     assert_exactly_once(tmp_path / "out", images)
 
 
+def kill_mid_run(cluster, node, command: list[str]) -> tuple[int, str]:
+    """Start `command` (a batchseg run), kill `node` without warning once the run has committed
+    its first part, and wait for the run: (exit code, stderr)."""
+    out = Path(command[command.index("--output") + 1])
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not list(out.glob("annotations/run=*/*.parquet")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, "the run ended before the node could be killed"
+        cluster.remove_node(node, allow_graceful=False)
+        _, stderr = run.communicate(timeout=200)
+    finally:
+        run.kill()
+    return run.returncode, stderr
+
+
 @pytest.mark.timeout(300)
 def test_a_worker_node_killed_mid_run_loses_no_image_and_doubles_none(clusters, lake, tmp_path):
     root, images = lake
@@ -243,20 +261,28 @@ def test_a_worker_node_killed_mid_run_loses_no_image_and_doubles_none(clusters, 
     out = tmp_path / "out"
     # 2 actors on 1+2+2 CPUs: whichever node dies, the survivors hold the pool and still keep the
     # whole CPU the read and decode tasks need (on 1+2+1 a death could leave 2 CPUs to 2 actors)
-    run = subprocess.Popen(run_command(cluster.address, root, out, "--set", "rows_per_file=4", "--num-actors", "2",
-                                       backend="tests.run.multinode_parts:SlowColorKey"),
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 150
-        while not list(out.glob("annotations/run=*/*.parquet")) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert run.poll() is None, "the run ended before the node could be killed"
-        cluster.remove_node(big, allow_graceful=False)  # 2 of its 5 CPUs; it holds predictor actors
-        _, stderr = run.communicate(timeout=200)
-    finally:
-        run.kill()
-    assert run.returncode == 0, stderr[-3000:]
+    code, stderr = kill_mid_run(cluster, big, run_command(cluster.address, root, out, "--set", "rows_per_file=4",
+                                                          "--num-actors", "2", backend=SLOW))
+    assert code == 0, stderr[-3000:]
     report = assert_exactly_once(out, images)
     assert [n["node_id"] for n in report["cluster"]["nodes_lost"]] == [big.node_id]
     assert sum(report["cluster"]["retries"].values()) >= 1, report["cluster"]
+    print(report["cluster"], report["actors"])
+
+
+@pytest.mark.timeout(300)
+def test_when_the_survivors_cannot_hold_the_pool_the_actors_left_finish_the_run(clusters, lake, tmp_path):
+    root, images = lake
+    # "accelerator" nodes of 3 CPUs + 2 accel and 2 CPUs + 1 accel hold 3 actors, 2 of them on
+    # the first; once it dies, the survivor holds 1: the lost actors' calls wait for a restart
+    # that only happens when the survivor's actor has no more work and Ray Data lets it go
+    cluster, (doomed, _) = clusters(0, {"num_cpus": 3, "resources": {"accel": 2}},
+                                    {"num_cpus": 2, "resources": {"accel": 1}})
+    out = tmp_path / "out"
+    code, stderr = kill_mid_run(cluster, doomed, run_command(cluster.address, root, out, "--set", "rows_per_file=4",
+                                                             "--set", "actor_resource=accel", backend=SLOW))
+    assert code == 0, stderr[-3000:]
+    report = assert_exactly_once(out, images)
+    assert [n["node_id"] for n in report["cluster"]["nodes_lost"]] == [doomed.node_id]
+    assert report["cluster"]["retries"].get("actor restarts", 0) >= 1, report["cluster"]
     print(report["cluster"], report["actors"])
