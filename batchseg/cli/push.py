@@ -35,7 +35,12 @@ RESULTS/labelstudio_push/RECEIPT-<UTC time>.json.
 
 The API key comes from LABEL_STUDIO_API_KEY (Label Studio: Account & Settings -> Access Token).
 s3:// image references stay as they are: connect an S3 source storage for that bucket to the
-project (no sync needed) and Label Studio serves them; --url-map rewrites prefixes instead.""")
+project (no sync needed) and Label Studio serves them; --url-map rewrites prefixes instead.
+
+Video frames (VIDEO#t=SECONDS) become image tasks too: each frame is decoded again and written
+as a JPEG under --frames (default RESULTS/labelstudio_push/frames/VIDEO/NNNNNN.jpg), which the
+task's image names (through --url-map, or an S3 storage for s3://); data.video, frame_index and
+pts_s group the frames by video. Only frames of tasks created or updated are written.""")
     ls.add_argument("results", metavar="RESULTS", help=RESULTS_HELP)
     ls.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL"), metavar="URL",
                     help="Label Studio's address, e.g. http://localhost:8080 (default: LABEL_STUDIO_URL)")
@@ -55,6 +60,8 @@ project (no sync needed) and Label Studio serves them; --url-map rewrites prefix
                     help="how existing tasks are found: Label Studio filter queries per chunk (each scans the "
                          "project), or one listing of the project (about 1 ms a task); auto: none into an empty "
                          "project, a listing for pushes over 10000 rows, else queries")
+    ls.add_argument("--frames", metavar="DIR",
+                    help="where video frames' images go, local or s3:// (default RESULTS/labelstudio_push/frames)")
     ls.add_argument("--receipt", metavar="PATH", help="where the receipt goes (local or s3://)")
     ls.add_argument("--spool-dir", metavar="DIR",
                     help="local folder for the ordering spool, about the size of the rows (default: TMPDIR)")
@@ -72,11 +79,13 @@ def push_labelstudio_command(args: argparse.Namespace) -> int:
         raise ConfigError("--chunk-size must be at least 1, --max-chunk-mb and --timeout above 0, --retries 0 or more")
     settings = PushSettings(chunk_size=args.chunk_size, max_chunk_bytes=int(args.max_chunk_mb * 2**20),
                             retries=args.retries, timeout_s=args.timeout, model_version=args.model_version,
-                            url_map=[pair(m) for m in args.url_map], spool_dir=args.spool_dir, lookup=args.lookup)
+                            url_map=[pair(m) for m in args.url_map], spool_dir=args.spool_dir, lookup=args.lookup,
+                            frames=args.frames)
     results = results_of(args)
     try:
         receipt = push_labelstudio(results, args.url, args.project, os.environ.get("LABEL_STUDIO_API_KEY"), settings,
-                                   args.receipt, storage_config(args).options(args.receipt or args.results))
+                                   args.receipt, storage_config(args).options(args.receipt or args.results),
+                                   storage_config(args))
     except PushFailed as e:
         print(f"batchseg: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -88,5 +97,7 @@ def push_labelstudio_command(args: argparse.Namespace) -> int:
           f"{tasks['updated']} updated, {tasks['skipped']} skipped, {tasks['annotated']} kept for their annotations "
           f"({receipt['retries']} retries)")
     print(f"batchseg: left out {stats['failed_images']} failed images and {stats['skipped_empty']} empty masks")
+    if "frames" in receipt:
+        print(f"batchseg: {receipt['frames']['written']} video frame images written to {receipt['frames']['folder']}")
     print(f"batchseg: receipt {receipt['receipt']}")
     return EXIT_OK

@@ -12,7 +12,8 @@
 - Streaming: tasks come one page at a time (`page_size`), keyset-paged on `updated_at`
   (annotated_tasks), and rows go to Parquet parts as they fill: memory is one page plus one
   part, whatever the project's size.
-- Matching: a task's `data.image_id` (written by push). A task without one (imported by hand)
+- Matching: a task's `data.image_id` (written by push; a video frame's task also holds
+  `data.frame_uri`, the review's image_uri). A task without one (imported by hand)
   is matched by its `data.image` URL, turned back into the lake's URI by `--url-map`
   PREFIX=URL (the same pairs push takes), if a run of OUTPUT annotated that URI; otherwise it
   is skipped and counted as `unmatched`.
@@ -190,7 +191,8 @@ def review_of_task(task: dict[str, Any], labels: "Labels", users: dict[int, str]
     counts.several_annotators += len(submitted) > 1
     chosen = pick_annotation(submitted)
     data = task.get("data") or {}
-    uri = unmap_url(str(data.get("image", "")), url_map)
+    # a video frame's task shows the frame's image; the lake names the frame VIDEO#t=SECONDS
+    uri = data.get("frame_uri") or unmap_url(str(data.get("image", "")), url_map)
     if data.get("image_id") is not None:
         image = int(data["image_id"])
     elif lake.has(image_id_of(uri)):

@@ -22,6 +22,12 @@
     "auto":  no lookups while the project is empty (every task is new), else "index" for a
              push of more than LOOKUP_BATCH * INDEX_AFTER_QUERIES rows, else "query".
   A retried import always asks the server (a query), whatever the mode.
+- Video frames (rows named `VIDEO#t=SECONDS`, which Label Studio cannot open): image tasks
+  whose `image` is the frame as a JPEG, written by exports.video.FrameImages to `frames`
+  (default RESULTS/labelstudio_push/frames/VIDEO/NNNNNN.jpg, local or s3://) and mapped by
+  `url_map` like any image URI; `video`, `frame_uri`, `frame_index` and `pts_s` in the data
+  group them by video (Label Studio's video tasks have no brush masks). A frame is written
+  only for a task being created or updated, so pushing again decodes nothing.
 - Chunks: at most `chunk_size` tasks and `max_chunk_bytes` of JSON per import request.
 - Retries: timeouts, dropped connections and HTTP 408/429/5xx are retried `retries` times with
   exponential backoff; a task import is retried only for the images a lookup does not find,
@@ -49,9 +55,10 @@ import numpy as np
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from batchseg.config import ConfigError
+from batchseg.config import ConfigError, StorageConfig
 from batchseg.errors import one_line
 from batchseg.exports.labelstudio import COLUMNS, TaskMaker, labeling_config
+from batchseg.exports.video import FrameImages, frame_task
 from batchseg.store.results import Results
 from batchseg.store.storage import write_json
 
@@ -62,6 +69,8 @@ TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 LOOKUP_BATCH = 200  # image ids per lookup query (they travel in the URL: ~5 kB)
 INDEX_AFTER_QUERIES = 50  # measured: one query scans all tasks, ~1/60 of what listing them costs
 RECEIPTS = "labelstudio_push"
+FRAMES = f"{RECEIPTS}/frames"  # under RESULTS: where video frames' images go by default
+VIDEO_COLUMNS = ["video_uri", "frame_index", "pts_s"]  # read where a file has them
 TASK_FIELDS = "id,data,total_annotations"  # total_annotations: submitted ones (cancelled ones are counted apart)
 
 
@@ -84,13 +93,16 @@ class PushSettings:
     url_map: list[tuple[str, str]] = field(default_factory=list)
     spool_dir: str | None = None  # where the ordering spool goes (default: the system temp folder)
     lookup: str = "auto"  # how existing tasks are found: auto | query | index (module docstring)
+    frames: str | None = None  # where video frames' images go (default RESULTS/labelstudio_push/frames)
 
 
 def push_labelstudio(results: Results, url: str, project: str, api_key: str | None,
                      settings: PushSettings | None = None, receipt: str | None = None,
-                     storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                     storage_options: dict[str, Any] | None = None,
+                     storage: StorageConfig | None = None) -> dict[str, Any]:
     """Push every image's newest row as a task with predictions; returns the receipt (also
-    written to `receipt`). Raises ConfigError (bad key, URL or project) or PushFailed."""
+    written to `receipt`). `storage_options` reach the receipt, `storage` the videos and the
+    frame images. Raises ConfigError (bad key, URL or project) or PushFailed."""
     settings = settings or PushSettings()
     if not api_key:
         raise ConfigError("no Label Studio API key: set LABEL_STUDIO_API_KEY (Label Studio: Account & Settings -> "
@@ -102,18 +114,21 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
     root = results.root if local else results.fs.unstrip_protocol(results.root)
     receipt_uri = receipt or f"{root}/{RECEIPTS}/RECEIPT-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     make = TaskMaker(results, settings.model_version, settings.url_map)
+    storage = storage or StorageConfig()
+    frames_uri = settings.frames or f"{root}/{FRAMES}"
+    frames = FrameImages(results, frames_uri, storage.options(frames_uri), storage.options("s3://"))
     record: dict[str, Any] = {"results": results.uri, "url": url, "started": started.isoformat(),
                               "status": "running", "order": "review_priority descending, rows without one last"}
     try:
         project_id, created = server.project(project, labeling_config(results.categories))
         record["project"] = {"id": project_id, "title": server.title, "created": created}
         existing = server.task_count(project_id)
-        with WorstFirst(results.rows(COLUMNS), settings.spool_dir) as ordered:
+        with WorstFirst(results.rows(COLUMNS, optional=VIDEO_COLUMNS), settings.spool_dir) as ordered:
             record["rows"] = ordered.count
             lookup = _lookup_mode(settings.lookup, existing, ordered.count)
-            sync = Sync(server, project_id, lookup)
+            sync = Sync(server, project_id, lookup, frames)
             record.update(lookup=lookup, chunks=sync.chunks, runs=sync.runs)
-            for chunk in _chunks(ordered, make, settings):
+            for chunk in _chunks(ordered, make, frames, settings):
                 sync.push(chunk)
         server.set_model_version(project_id, sync.newest_version())
         record["status"] = "done"
@@ -122,6 +137,9 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
         raise
     finally:
         record.update(finished=_now().isoformat(), stats=make.stats.as_dict())
+        if frames.named:
+            record["frames"] = {"folder": frames.fs.unstrip_protocol(frames.folder), "tasks": frames.named,
+                                "written": frames.written}
         chunks = record.get("chunks", [])
         record["tasks"] = {k: sum(c[k] for c in chunks) for k in ("created", "updated", "skipped", "annotated")}
         record["retries"] = server.retried
@@ -185,24 +203,27 @@ class WorstFirst:
 class Chunk:
     tasks: list[dict[str, Any]]
     nbytes: int
+    frames: dict[int, dict[str, Any]] = field(default_factory=dict)  # image id -> video frame row
 
 
-def _chunks(rows: WorstFirst, make: TaskMaker, settings: PushSettings) -> Iterator[Chunk]:
+def _chunks(rows: WorstFirst, make: TaskMaker, frames: FrameImages, settings: PushSettings) -> Iterator[Chunk]:
     """Tasks in row order, cut at `chunk_size` tasks or `max_chunk_bytes` of JSON."""
-    tasks: list[dict[str, Any]] = []
-    nbytes = 0
+    chunk = Chunk([], 0)
     for row in rows:
-        task = make(row)
+        video = bool(row.get("video_uri"))
+        task = frame_task(make, row, frames) if video else make(row)
         if task is None:
             continue
         size = len(json.dumps(task))
-        if tasks and (len(tasks) >= settings.chunk_size or nbytes + size > settings.max_chunk_bytes):
-            yield Chunk(tasks, nbytes)
-            tasks, nbytes = [], 0
-        tasks.append(task)
-        nbytes += size
-    if tasks:
-        yield Chunk(tasks, nbytes)
+        if chunk.tasks and (len(chunk.tasks) >= settings.chunk_size or chunk.nbytes + size > settings.max_chunk_bytes):
+            yield chunk
+            chunk = Chunk([], 0)
+        chunk.tasks.append(task)
+        chunk.nbytes += size
+        if video:
+            chunk.frames[row["image_id"]] = row
+    if chunk.tasks:
+        yield chunk
 
 
 # ---- the server -------------------------------------------------------------------------------
@@ -368,10 +389,11 @@ def _describe(e: Exception) -> str:
 
 class Sync:
     """Creates, updates or skips each chunk's tasks; counts into `chunks` and `runs`.
-    `lookup`: "none", "query" or "index" (module docstring)."""
+    `lookup`: "none", "query" or "index" (module docstring); video frames' images go to `frames`
+    for the tasks created or updated."""
 
-    def __init__(self, server: Server, project_id: int, lookup: str) -> None:
-        self.server, self.project_id, self.lookup = server, project_id, lookup
+    def __init__(self, server: Server, project_id: int, lookup: str, frames: FrameImages) -> None:
+        self.server, self.project_id, self.lookup, self.frames = server, project_id, lookup, frames
         self.index = server.index(project_id) if lookup == "index" else None
         self.chunks: list[dict[str, Any]] = []
         self.runs: dict[str, dict[str, Any]] = {}
@@ -392,6 +414,8 @@ class Sync:
                  if run < t["data"]["batchseg_run"]]
         stale = [(task_id, t) for task_id, t, annotated in older if not annotated]
         kept = len({id(t) for _, t, annotated in older if annotated} - {id(t) for _, t in stale})
+        for image in {t["data"]["image_id"] for t in [*new, *(t for _, t in stale)]} & chunk.frames.keys():
+            self.frames.write(chunk.frames[image])  # before the task that shows it
         created = self._create(new)
         self._replace(stale)
         updated = len({id(t) for _, t in stale})

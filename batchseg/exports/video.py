@@ -22,7 +22,8 @@ frames' order (what a tool reading the written frame images sees).
   with masks and `index` = track id.
 - `export_labelstudio_video`: Label Studio image tasks (its video tasks have no brush masks),
   one file per video (DEST/videos/VIDEO_ID.json) in time order, the frame images written to
-  DEST/frames/, `video`, `frame_index`, `pts_s` in each task's data.
+  DEST/frames/ (`FrameImages`, which `batchseg push labelstudio` writes frames with too),
+  `video`, `frame_uri`, `frame_index`, `pts_s` in each task's data (`frame_task`).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Video:
         return self.frames[0]["height"]
 
     def frame_name(self, row: dict[str, Any]) -> str:
-        return f"{self.name}/{row['frame_index']:06d}.jpg"
+        return frame_name(self.name, row)
 
     def tracks(self) -> dict[int, list[tuple[int, dict[str, Any]]]]:
         """Track number (1, 2, ... by first appearance) -> [(position of the frame, instance)]."""
@@ -98,6 +99,12 @@ def videos(results: Results) -> list[Video]:
     for video in found.values():
         video.frames.sort(key=lambda r: r["pts_s"])
     return [found[uri] for uri in sorted(found)]
+
+
+def frame_name(video_name: str, row: dict[str, Any]) -> str:
+    """A frame image's name: VIDEO/NNNNNN.jpg (VIDEO: the video's name under the input roots,
+    NNNNNN: frame_index)."""
+    return f"{video_name}/{row['frame_index']:06d}.jpg"
 
 
 def frame_jpeg(row: dict[str, Any], storage_options: dict[str, Any]) -> bytes:
@@ -288,6 +295,44 @@ def export_fiftyone_video(results: Results, dest: str, storage_options: dict[str
 # --- Label Studio ------------------------------------------------------------------------------
 
 
+class FrameImages:
+    """Frame rows' images as JPEG files under FOLDER/VIDEO/NNNNNN.jpg (`frame_name`), decoded
+    again from the videos: `uri` says where a frame's image goes, `write` puts it there."""
+
+    def __init__(self, results: Results, folder: str, storage_options: dict[str, Any] | None = None,
+                 input_options: dict[str, Any] | None = None) -> None:
+        self.roots = input_roots(results)
+        self.fs, self.folder = fsspec.core.url_to_fs(folder.rstrip("/"), **(storage_options or {}))
+        self.input_options = input_options or {}
+        self.named = self.written = 0  # frames `uri` was asked for; frames written
+
+    def uri(self, row: dict[str, Any]) -> str:
+        self.named += 1
+        return self.fs.unstrip_protocol(self._path(row))
+
+    def write(self, row: dict[str, Any]) -> None:
+        path = self._path(row)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(frame_jpeg(row, self.input_options))
+        self.written += 1
+
+    def _path(self, row: dict[str, Any]) -> str:
+        return f"{self.folder}/{frame_name(file_name(row['video_uri'], self.roots), row)}"
+
+
+def frame_task(make: TaskMaker, row: dict[str, Any], frames: FrameImages) -> dict[str, Any] | None:
+    """A video frame row's Label Studio image task (None for an error row): `image` is the
+    frame's image in `frames` (through the task maker's url_map); `video`, `frame_uri`,
+    `frame_index` and `pts_s` in its data group it by video and name the frame."""
+    if row["error"] is not None:
+        return make(row)
+    task = make({**row, "image_uri": frames.uri(row)})
+    task["data"].update(video=row["video_uri"], frame_uri=row["image_uri"], frame_index=row["frame_index"],
+                        pts_s=row["pts_s"])
+    return task
+
+
 def export_labelstudio_video(results: Results, dest: str, storage_options: dict[str, Any] | None = None,
                              input_options: dict[str, Any] | None = None,
                              url_map: list[tuple[str, str]] | None = None) -> dict[str, Any]:
@@ -297,17 +342,13 @@ def export_labelstudio_video(results: Results, dest: str, storage_options: dict[
     opts = storage_options or {}
     make = TaskMaker(results, url_map=url_map)
     root = dest.rstrip("/")
-    fs, folder = fsspec.core.url_to_fs(root, **opts)
+    frames = FrameImages(results, f"{root}/frames", opts, input_options)
     written = {}
     for video in videos(results):
         tasks = []
         for row in video.frames:
-            frame = f"frames/{video.frame_name(row)}"
-            _put(dest, frame, frame_jpeg(row, input_options or {}), opts)
-            task = make({**row, "image_uri": fs.unstrip_protocol(f"{folder}/{frame}")})
-            task["data"].update(video=video.uri, frame_uri=row["image_uri"], frame_index=row["frame_index"],
-                                pts_s=row["pts_s"])
-            tasks.append(task)
+            frames.write(row)
+            tasks.append(frame_task(make, row, frames))
         name = f"videos/{image_id(video.uri)}.json"
         write_text(f"{root}/{name}", json.dumps(tasks), opts)
         written[name] = len(tasks)

@@ -87,13 +87,17 @@ class Results:
                               "categories; give the run's output folder, as batchseg run wrote it")
         return self.run["categories"]
 
-    def rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    def rows(self, columns: list[str] | None = None, batch_size: int = 256,
+             optional: list[str] = ()) -> Iterator[dict[str, Any]]:
         """Every image once, with its newest row: `image_id`, `run` (the run id) and `columns`
-        (or all columns); with reviews, also `source` and a review's row where there is one; a
-        tracked video frame's instances get their stored `track_id` (store.tracks; read with
-        `video_uri`)."""
+        (or all columns), plus those of `optional` that a file has (columns newer than some
+        files, e.g. the video ones); with reviews, also `source` and a review's row where there
+        is one; a tracked video frame's instances get their stored `track_id` (store.tracks;
+        read with `video_uri`)."""
         columns = None if columns is None else list(dict.fromkeys(["image_id", *columns]))
-        optional = ["video_uri"] if columns and "instances" in columns and "video_uri" not in columns else []
+        optional = [c for c in optional if c not in (columns or ())]
+        if columns and "instances" in columns and "video_uri" not in columns + optional:
+            optional.append("video_uri")
         seen = SeenIds()
         tracked = TrackIds(self.fs, self.root)
         if self.reviews is not None:

@@ -4,6 +4,7 @@ the Parquet rows; pushing again adds nothing; a newer run replaces predictions; 
 failures (and a response lost after the server committed) are retried without duplicates."""
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -246,3 +247,79 @@ def test_s3_references_resolve_through_a_connected_s3_storage(label_studio, clie
         got = httpx.get(label_studio.url + resolved, headers={"Authorization": f"Token {label_studio.token}"},
                         follow_redirects=True, timeout=60)
         assert got.status_code == 200 and got.content in images.values()
+
+
+@pytest.mark.timeout(600)
+def test_video_frames_go_as_image_tasks_label_studio_serves_grouped_by_video(
+        ray_cluster, label_studio, client, title, s3_endpoint, tmp_path):
+    """Frame rows (VIDEO#t=SECONDS) of a PyAV-made video: each task's image is the frame as a
+    JPEG on the S3 API server, which Label Studio itself serves once an S3 storage is connected;
+    pushing again writes no frame; a submitted annotation pulls back to the frame's row."""
+    import boto3
+    import httpx
+    from PIL import Image
+
+    from batchseg.config import StorageConfig
+    from batchseg.exports.labelstudio_pull import pull_labelstudio
+    from batchseg.store.reviews import open_reviews
+    from tests.videos import make_video, picture
+
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    lake.mkdir()
+    make_video(lake / "street.mp4", frames=30, height=64, width=96)
+    run_job(inputs=[str(lake)], output=str(out), models={"instance": ORACLES["instance"]}, video={"fps": 5})
+    rows = _good_rows(out)
+    assert len(rows) == 15 and all("#t=" in r["image_uri"] for r in rows.values())
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="ls-frames")
+    settings = PushSettings(frames="s3://ls-frames/pushed", chunk_size=6)
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    receipt = push_labelstudio(open_results(str(out)), label_studio.url, f"{title} video", label_studio.token,
+                               settings, storage=storage)
+    assert receipt["tasks"]["created"] == 15 and receipt["frames"] == {
+        "folder": "s3://ls-frames/pushed", "tasks": 15, "written": 15}
+    project_id = receipt["project"]["id"]
+    tasks = _tasks(client, project_id)  # as pushed: once a storage is connected, Label Studio resolves the URIs
+    client.import_storage.s3.create(project=project_id, bucket="ls-frames", s3endpoint=s3_endpoint, region_name="us-east-1",
+                                    aws_access_key_id="testing", aws_secret_access_key="testing", presign=False)
+    resolved_images = {t.id: t.data["image"] for t in client.tasks.list(project=project_id, include="id,data",
+                                                                        resolve_uri=True)}
+    assert len(tasks) == 15
+    for task in tasks:
+        row = rows[task.data["image_id"]]
+        assert task.data["video"] == row["video_uri"] and task.data["frame_uri"] == row["image_uri"]
+        assert (task.data["frame_index"], task.data["pts_s"]) == (row["frame_index"], row["pts_s"])
+        assert task.data["image"] == f"s3://ls-frames/pushed/street.mp4/{row['frame_index']:06d}.jpg"
+        resolved = resolved_images[task.id]
+        assert resolved.startswith(f"/tasks/{task.id}/resolve/?fileuri=")  # Label Studio's storage proxy
+        got = httpx.get(label_studio.url + resolved, headers={"Authorization": f"Token {label_studio.token}"},
+                        follow_redirects=True, timeout=60)
+        assert got.status_code == 200, resolved
+        image = Image.open(io.BytesIO(got.content))
+        assert image.size == (96, 64)
+        error = np.abs(np.asarray(image.convert("RGB"), int) - picture(row["frame_index"], 30, 64, 96)).mean()
+        assert error < 4  # that frame (JPEG-close), not a neighbour: the red square moves 3 px a frame
+        brushes = [r for r in task.predictions[0].result if r["from_name"] == "mask"]
+        assert len(brushes) == len(row["instances"]) and all(b["original_width"] == 96 for b in brushes)
+
+    again = push_labelstudio(open_results(str(out)), label_studio.url, str(project_id), label_studio.token,
+                             settings, storage=storage)
+    assert again["tasks"]["skipped"] == 15 and again["frames"]["written"] == 0
+    assert len(_tasks(client, project_id)) == 15
+
+    chosen = tasks[3]
+    client.annotations.create(id=chosen.id, result=chosen.predictions[0].result, lead_time=3.0)
+    pulled = pull_labelstudio(str(out), label_studio.url, str(project_id), label_studio.token)
+    assert pulled["rows"] == 1 and pulled["counts"]["unmatched"] == 0
+    (review,) = open_reviews(str(out)).rows()
+    row = rows[chosen.data["image_id"]]
+    assert review["image_id"] == row["image_id"] and review["image_uri"] == row["image_uri"]
+    assert len(review["instances"]) == len(row["instances"])
+
+    # by default the frames go next to the results, named through --url-map like photos
+    local = push_labelstudio(open_results(str(out)), label_studio.url, f"{title} video local", label_studio.token,
+                             PushSettings(url_map=[(f"file://{out}/", "http://files.example/")]))
+    assert local["frames"]["written"] == 15
+    for task in _tasks(client, local["project"]["id"]):
+        name = task.data["image"].removeprefix("http://files.example/")
+        assert name.startswith("labelstudio_push/frames/street.mp4/")
+        assert Image.open(out / name).size == (96, 64)
