@@ -1,6 +1,11 @@
 """After a run with `video.track`: track the videos it annotated frames of (rows.tracks) and
 store their track ids (store.tracks), as Ray Data work: the driver handles video URIs only.
 
+The videos of earlier runs whose tracking never happened (`video.track` was off, or their
+tracking step did not finish: no `tracks/run-RUN_ID.done` marker) are tracked too, so turning
+`video.track` on for videos already done tracks them without annotating anything again. Once
+tracked, a run is marked, and later runs look at their own rows only.
+
 Each video is tracked over all of its frames, the newest row of each (earlier runs' frames
 too), so the ids stay consistent when a later run adds frames (a new sampling, a video cut
 short by a crash). Frames are grouped into the segments the read stage cut (video.segment_s
@@ -27,17 +32,24 @@ COLUMNS = ["image_id", "video_uri", "pts_s", "instances", "error"]
 
 
 def track_run(job: JobConfig, run_id: str) -> dict[str, Any]:
-    """Track every video this run wrote frames of; returns {"videos", "frames", "tracks", "ms_per_frame"}."""
+    """Track every video with frames from this run or an untracked earlier one (module
+    docstring); returns {"runs" (whose videos were looked at), "videos", "frames", "tracks",
+    "ms_per_frame"}."""
     opts = job.storage_options(job.output)
     fs, root = url_to_fs(job.output.rstrip("/"), **opts)
     files = parquet_files(fs, f"{root}/{ANNOTATIONS}")
-    mine = [f for f in files if run_of(f) == run_id]
-    figures = {"videos": 0, "frames": 0, "tracks": 0, "ms_per_frame": 0.0}
-    if not mine:
-        return figures
-    touched = _videos(ray.data.read_parquet(mine, filesystem=_arrow_fs(fs), columns=["video_uri"]))
-    if not touched:
-        return figures
+    pending = stored.untracked_runs(fs, root, {run_of(f) for f in files} - {""})  # "": files of before run partitions
+    figures = {"runs": len(pending), "videos": 0, "frames": 0, "tracks": 0, "ms_per_frame": 0.0}
+    theirs = [f for f in files if run_of(f) in pending]
+    touched = _videos(ray.data.read_parquet(theirs, filesystem=_arrow_fs(fs), columns=["video_uri"])) if theirs else []
+    if touched:
+        figures.update(_track(job, fs, files, touched, opts))
+    stored.mark_tracked(fs, root, pending)
+    return figures
+
+
+def _track(job: JobConfig, fs, files: list[str], touched: list[str], opts: dict[str, Any]) -> dict[str, Any]:
+    """Track `touched` videos over all their frames in `files`; returns the figures."""
     ds = ray.data.read_parquet(files, filesystem=_arrow_fs(fs), columns=COLUMNS, include_paths=True)
     ds = ds.map_batches(_of_videos, fn_kwargs={"videos": touched}, batch_format="pyarrow", num_cpus=0)
     # one shuffle partition per video up to the cluster's CPUs (the default, 200, is mostly empty tasks)
@@ -46,9 +58,9 @@ def track_run(job: JobConfig, run_id: str) -> dict[str, Any]:
         _track_one, fn_kwargs={"output": job.output, "opts": opts, "video": job.video}, batch_format="pyarrow",
         num_cpus=1,
     ).take_all()
-    figures.update(videos=len(done), frames=sum(r["frames"] for r in done), tracks=sum(r["tracks"] for r in done))
-    figures["ms_per_frame"] = round(1000 * sum(r["seconds"] for r in done) / max(1, figures["frames"]), 3)
-    return figures
+    frames = sum(r["frames"] for r in done)
+    return {"videos": len(done), "frames": frames, "tracks": sum(r["tracks"] for r in done),
+            "ms_per_frame": round(1000 * sum(r["seconds"] for r in done) / max(1, frames), 3)}
 
 
 def _videos(ds) -> list[str]:

@@ -1,11 +1,14 @@
 """Stored track ids: one file per tracked video, and the join that puts them on rows.
 
     OUTPUT/tracks/video-VIDEO_ID.parquet   image_id, run, track_ids (per instance, in order)
+    OUTPUT/tracks/run-RUN_ID.done          (empty) the videos of that run's rows are tracked
 
 VIDEO_ID is schema.image_id(video_uri). A file holds the tracks of every frame of its video as
 the newest rows stood when it was written (batchseg.run.tracking writes it after each run that
 annotated frames of the video, over all of its frames: ids are video-wide and consistent, not
 stitched when read). It is replaced whole (storage.atomic_write), so a retry writes the same.
+A run without a `.done` marker (one with `video.track` off, or whose tracking step did not
+finish) has its videos tracked by the next run with `video.track` on (`untracked_runs`).
 `TrackIds.fill` sets `track_id` on a row's instances when the file names that row's run.
 """
 
@@ -37,6 +40,19 @@ def write(fs, root: str, video_uri: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table.cast(SCHEMA).replace_schema_metadata({b"video_uri": video_uri.encode()}), sink)
     atomic_write(fs, path(root, video_uri), sink.getvalue().to_pybytes())
+
+
+def untracked_runs(fs, root: str, runs: set[str]) -> set[str]:
+    """Those of `runs` without a `.done` marker."""
+    folder = f"{root}/{TRACKS}"
+    marked = {p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)} if fs.isdir(folder) else set()
+    return {r for r in runs if f"run-{r}.done" not in marked}
+
+
+def mark_tracked(fs, root: str, runs: set[str]) -> None:
+    """Record that the videos of `runs` are tracked (after their tracks files are written)."""
+    for run in sorted(runs):
+        atomic_write(fs, f"{root}/{TRACKS}/run-{run}.done", b"")
 
 
 class TrackIds:

@@ -251,18 +251,25 @@ def _tracks_by_color(output: Path) -> dict[int, set[int]]:
     return found
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_each_shape_keeps_one_track_id_across_frames_and_segment_borders(ray_cluster, clips, tmp_path):
     run = dict(inputs=[str(clips["mp4"])], output=str(tmp_path / "out"), models={"instance": ORACLE},
                video={"fps": 4, "segment_s": 0.9, "track": True})
+    untracked = run_job(**{**run, "video": {**run["video"], "track": False}})[1]
+    assert "tracks" not in untracked and _tracks_by_color(tmp_path / "out") and all(
+        ids == {None} for ids in _tracks_by_color(tmp_path / "out").values())
+    # turning tracking on for the done video tracks it, annotating nothing again
     summary = run_job(**run)[1]
-    assert summary["tracks"]["videos"] == 1 and summary["tracks"]["frames"] == 12
+    assert summary["images"]["in"] == 0 and summary["done_before"] == 12
+    assert summary["tracks"]["runs"] == 1 and summary["tracks"]["videos"] == 1 and summary["tracks"]["frames"] == 12
     red, green, blue, yellow = (cid for cid, _ in SHAPE_COLORS.values())
     tracks = _tracks_by_color(tmp_path / "out")
     assert set(tracks) == {red, green, blue, yellow} and all(len(ids) == 1 for ids in tracks.values())
     assert len({next(iter(ids)) for ids in tracks.values()}) == 4  # four shapes, four tracks
-    # a denser sampling adds frames; the video is tracked again over all of them, with stored ids
-    assert run_job(**{**run, "video": {**run["video"], "fps": 8}})[1]["tracks"]["frames"] == 24
+    # a denser sampling adds frames; the video is tracked again over all of them, with stored ids;
+    # the runs tracked before are not looked at again
+    denser = run_job(**{**run, "video": {**run["video"], "fps": 8}})[1]["tracks"]
+    assert denser["runs"] == 1 and denser["frames"] == 24
     again = _tracks_by_color(tmp_path / "out")
     assert all(len(ids) == 1 and None not in ids for ids in again.values())
 
