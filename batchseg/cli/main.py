@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"batchseg: {e}", file=sys.stderr)
         return _exit_code(e)
-    except KeyboardInterrupt:
-        print("batchseg: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its text, where a command gives one, says what the same command does next
+        print(f"batchseg: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `batchseg review ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -164,7 +165,7 @@ def train(spec: TrainSpec, planned: tuple[training_data.TrainingData, WeightsRef
             weights = f.read()
         with open(f"{folder}/metrics.jsonl") as f:
             history = [json.loads(line) for line in f if line.strip()]
-    if history[-1]["iteration"] != spec.hyper.iterations:  # stopped (Ctrl-C) between two checkpoints
+    if history[-1]["iteration"] != spec.hyper.iterations:  # never a finished model from a stopped run
         raise RuntimeError(f"training stopped at iteration {history[-1]['iteration']} of {spec.hyper.iterations}; "
                            "the same command resumes from there")
     card = _card(spec, split, base, identity, weights, history, time.monotonic() - started)
@@ -222,10 +223,15 @@ def _fit(spec: TrainSpec, split: training_data.TrainingData, base: WeightsRef | 
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.error is not None or result.checkpoint is None:
-        raise RuntimeError(f"training stopped before its end ({result.error or 'no checkpoint'}); "
-                           "the same command resumes from the newest checkpoint")
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()  # a worker group that failed more than max_failures times raises TrainingFailedError
+    except SystemExit:
+        # Ctrl-C: Ray Train V2's SIGINT handler (installed by fit) aborts the run's controller
+        # and workers, then ends the driver with sys.exit from inside fit; the checkpoints stay.
+        raise KeyboardInterrupt("training stopped; the same command resumes from its newest checkpoint") from None
+    finally:
+        signal.signal(signal.SIGINT, before)  # Ray's handler would abort a controller that has finished
     return result.checkpoint
 
 
