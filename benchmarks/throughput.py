@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from batchseg.run import job  # noqa: E402
 from batchseg.config import ModelConfig, load_config  # noqa: E402
 from batchseg.predictors.base import Categories, Category, ModelInput  # noqa: E402
-from batchseg.predictors.torchvision import TorchvisionBackend  # noqa: E402
 
 ZERO_COST_INSTANCES = 20
 
@@ -202,6 +201,8 @@ def actor_section() -> None:
 def model_section(args, work: Path) -> None:
     import ray
     import torch
+
+    from batchseg.predictors.torchvision import TorchvisionBackend
 
     rgbs = make_images(work / "small", args.images)
     make_images(work / "large", 4 * args.images, seed=1)

@@ -15,7 +15,7 @@ _HYPER_FLAGS = ("arch", "iterations", "batch_size", "lr", "min_size", "max_size"
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
-    from batchseg.train.recipe import Hyper
+    from batchseg.train.hyper import Hyper
 
     default = Hyper()
     train = command(
@@ -98,7 +98,7 @@ def with_config(args: argparse.Namespace) -> argparse.Namespace:
 
 def spec_from_args(args: argparse.Namespace):
     from batchseg.train.driver import TrainSpec
-    from batchseg.train.recipe import Hyper
+    from batchseg.train.hyper import Hyper
 
     args = with_config(args)
     for flag in ("data", "output"):

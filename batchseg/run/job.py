@@ -16,7 +16,7 @@ import ray
 from fsspec.core import url_to_fs
 
 from batchseg import console
-from batchseg.run import inflight, meter, pipeline, placement, provenance, report, stall, tracking
+from batchseg.run import inflight, meter, pipeline, placement, provenance, report, stall
 from batchseg.store import lease, ledger
 from batchseg.inputs import manifests, names, sources
 from batchseg.config import ConfigError, JobConfig
@@ -214,7 +214,11 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
                 planned = ray.get(planned_ref)
         finally:
             console.count_images_with(None)
-        tracked = tracking.track_run(job, run_id) if job.video.track else None
+        tracked = None
+        if job.video.track:
+            from batchseg.run import tracking  # scipy: seconds of start-up that runs without video pay for nothing
+
+            tracked = tracking.track_run(job, run_id)
     except BaseException as e:
         if watcher is not None and watcher.stalled:  # the watcher interrupted the driver
             e = stall.RunStalled(watcher.stalled)

@@ -32,7 +32,7 @@ from batchseg.predictors.weights import WeightsRef, fetch, file_sha256, resolve
 from batchseg.run.provenance import batchseg_version
 from batchseg.train import data as training_data
 from batchseg.train.model_dir import CARD, CURVES, LABEL_MAP, METRICS, STARTED, WEIGHTS
-from batchseg.train.recipe import Hyper
+from batchseg.train.hyper import Hyper
 
 log = logging.getLogger(__name__)
 

@@ -32,17 +32,18 @@ from batchseg.evaluation.evaluate import coco_metrics
 from batchseg.predictors.weights import WeightsRef, fetch
 from batchseg.rows.encoding import encode_mask
 from batchseg.train import recipe
+from batchseg.train.hyper import Hyper
 
 PROGRESS_EVERY_S = 10.0
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """config: backend, hyper (recipe.Hyper fields), categories [{id, name}] in class-index
+    """config: backend, hyper (Hyper fields), categories [{id, name}] in class-index
     order, base (WeightsRef fields or None), keep_head, storage_options (for the base weights)."""
     import ray.train
     import ray.train.torch
 
-    hyper = recipe.Hyper(**config["hyper"])
+    hyper = Hyper(**config["hyper"])
     ctx = ray.train.get_context()
     rank, workers = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(hyper.seed)
@@ -70,7 +71,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
 
 
-def _detectron2_loop(config: dict[str, Any], hyper: recipe.Hyper, rank: int, workers: int, base: str | None) -> None:
+def _detectron2_loop(config: dict[str, Any], hyper: Hyper, rank: int, workers: int, base: str | None) -> None:
     """The same through detectron2's SimpleTrainer, its data loader over this worker's shard
     registered in DatasetCatalog (see train/detectron2.py), a hook reporting to Ray Train."""
     import ray.train
@@ -104,7 +105,7 @@ class _Session:
     """What a worker keeps besides the model: the iteration, the metrics history, the RNG, the
     held-out images (rank 0), progress; restored from Ray Train's checkpoint when there is one."""
 
-    def __init__(self, config: dict[str, Any], hyper: recipe.Hyper, rank: int, workers: int,
+    def __init__(self, config: dict[str, Any], hyper: Hyper, rank: int, workers: int,
                  model: torch.nn.Module, optimizer, schedule) -> None:
         import ray.train
 

@@ -12,7 +12,6 @@ run`), so the model's own resize is off, in training as at inference.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -23,36 +22,12 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from batchseg.config import ConfigError
 from batchseg.predictors import torchvision as tv_backend
 from batchseg.rows.encoding import encode_mask
+from batchseg.train.hyper import Hyper
 
 # Fewer proposals and RoI samples than torchvision's defaults (2000 / 512): small images with
 # a few objects each; the forward costs a fraction. Inference settings are torchvision's.
 TRAIN_KNOBS = {"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "box_batch_size_per_image": 64}
 EVAL_SCORE_THRESHOLD = 0.05  # torchvision's default: AP needs the low-scored detections too
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """Hyper-parameters. Sizes in pixels; lr is for `batch_size` images on each of the workers
-    (the linear scaling rule: lr grows with the total batch)."""
-
-    arch: str = "maskrcnn_resnet50_fpn"
-    iterations: int = 1000
-    batch_size: int = 2  # images per worker per iteration
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iterations: int = 50
-    steps: tuple[float, ...] = (0.7, 0.9)  # fractions of `iterations` where lr drops x0.1
-    min_size: int = 800
-    max_size: int = 1333
-    flip: float = 0.5  # probability of a horizontal flip
-    clip_grad_norm: float = 10.0  # keeps the first iterations from scratch from diverging
-    amp: bool = False  # fp16 autocast with a gradient scaler (CUDA only)
-    seed: int = 0
-    checkpoint_every: int = 100  # iterations
-
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_model(arch: str, num_classes: int) -> torch.nn.Module:

@@ -16,7 +16,8 @@ from batchseg.config import ConfigError, StorageConfig
 from batchseg.predictors.base import load_label_map
 from batchseg.train import data
 from batchseg.train.driver import TrainSpec, plan
-from batchseg.train.recipe import Hyper, build_model
+from batchseg.train.hyper import Hyper
+from batchseg.train.recipe import build_model
 
 ARCH = "maskrcnn_resnet18_fpn"
 
