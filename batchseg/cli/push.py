@@ -98,6 +98,9 @@ def push_labelstudio_command(args: argparse.Namespace) -> int:
           f"({receipt['retries']} retries)")
     print(f"batchseg: left out {stats['failed_images']} failed images and {stats['skipped_empty']} empty masks")
     if "frames" in receipt:
-        print(f"batchseg: {receipt['frames']['written']} video frame images written to {receipt['frames']['folder']}")
+        frames = receipt["frames"]
+        print(f"batchseg: {frames['written']} video frame images written to {frames['folder']}"
+              + (f"; {frames['unreadable']} frames left out, their video did not give them (first: "
+                 f"{frames['first_unreadable']}); push again once the videos are back" if frames["unreadable"] else ""))
     print(f"batchseg: receipt {receipt['receipt']}")
     return EXIT_OK

@@ -27,7 +27,9 @@
   (default RESULTS/labelstudio_push/frames/VIDEO/NNNNNN.jpg, local or s3://) and mapped by
   `url_map` like any image URI; `video`, `frame_uri`, `frame_index` and `pts_s` in the data
   group them by video (Label Studio's video tasks have no brush masks). A frame is written
-  only for a task being created or updated, so pushing again decodes nothing.
+  only for a task being created or updated, so pushing again decodes nothing. A frame its
+  video no longer gives (moved, changed, corrupt) makes no task; the receipt counts it
+  (`frames.unreadable`, the first one named) and a later push retries it.
 - Chunks: at most `chunk_size` tasks and `max_chunk_bytes` of JSON per import request.
 - Retries: timeouts, dropped connections and HTTP 408/429/5xx are retried `retries` times with
   exponential backoff; a task import is retried only for the images a lookup does not find,
@@ -58,7 +60,7 @@ from label_studio_sdk.core.api_error import ApiError
 from batchseg.config import ConfigError, StorageConfig
 from batchseg.errors import one_line
 from batchseg.exports.labelstudio import COLUMNS, TaskMaker, labeling_config
-from batchseg.exports.video import FrameImages, frame_task
+from batchseg.exports.video import FrameImages, FrameUnreadable, frame_task
 from batchseg.store.results import Results
 from batchseg.store.storage import write_json
 
@@ -116,7 +118,10 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
     make = TaskMaker(results, settings.model_version, settings.url_map)
     storage = storage or StorageConfig()
     frames_uri = settings.frames or f"{root}/{FRAMES}"
-    frames = FrameImages(results, frames_uri, storage.options(frames_uri), storage.options("s3://"))
+    try:
+        frames = FrameImages(results, frames_uri, storage.options(frames_uri), storage.options("s3://"))
+    except (ValueError, ImportError) as e:  # fsspec: an unknown protocol, or one whose package is missing
+        raise ConfigError(f"--frames {frames_uri}: {one_line(e)}; give a local folder or s3://BUCKET/PREFIX") from None
     record: dict[str, Any] = {"results": results.uri, "url": url, "started": started.isoformat(),
                               "status": "running", "order": "review_priority descending, rows without one last"}
     try:
@@ -136,11 +141,13 @@ def push_labelstudio(results: Results, url: str, project: str, api_key: str | No
         record.update(status="failed", error=str(e) if isinstance(e, (PushFailed, ConfigError)) else one_line(e))
         raise
     finally:
+        chunks = record.get("chunks", [])
         record.update(finished=_now().isoformat(), stats=make.stats.as_dict())
         if frames.named:
             record["frames"] = {"folder": frames.fs.unstrip_protocol(frames.folder), "tasks": frames.named,
-                                "written": frames.written}
-        chunks = record.get("chunks", [])
+                                "written": frames.written, "unreadable": sum(c["unreadable"] for c in chunks),
+                                "first_unreadable": next((c["first_unreadable"] for c in chunks
+                                                          if c.get("first_unreadable")), None)}
         record["tasks"] = {k: sum(c[k] for c in chunks) for k in ("created", "updated", "skipped", "annotated")}
         record["retries"] = server.retried
         record["receipt"] = receipt_uri
@@ -414,20 +421,34 @@ class Sync:
                  if run < t["data"]["batchseg_run"]]
         stale = [(task_id, t) for task_id, t, annotated in older if not annotated]
         kept = len({id(t) for _, t, annotated in older if annotated} - {id(t) for _, t in stale})
-        for image in {t["data"]["image_id"] for t in [*new, *(t for _, t in stale)]} & chunk.frames.keys():
-            self.frames.write(chunk.frames[image])  # before the task that shows it
+        unreadable = self._write_frames([*new, *(t for _, t in stale)], chunk.frames)
+        new = [t for t in new if t["data"]["image_id"] not in unreadable]
+        stale = [(task_id, t) for task_id, t in stale if t["data"]["image_id"] not in unreadable]
         created = self._create(new)
         self._replace(stale)
         updated = len({id(t) for _, t in stale})
-        for t in tasks:
+        for t in (t for t in tasks if t["data"]["image_id"] not in unreadable):  # tasks the project holds
             run = self.runs.setdefault(t["data"]["batchseg_run"], {
                 "model_version": t["predictions"][0]["model_version"], "tasks": 0})
             run["tasks"] += 1
         self.chunks.append({"chunk": len(self.chunks), "tasks": len(tasks), "bytes": chunk.nbytes,
                             "created": created, "updated": updated, "annotated": kept,
-                            "skipped": len(tasks) - created - updated - kept,
+                            "skipped": len(tasks) - created - updated - kept - len(unreadable),
+                            "unreadable": len(unreadable), "first_unreadable": next(iter(unreadable.values()), None),
                             "retries": self.server.retried - retried,
                             "seconds": round(time.monotonic() - began, 3)})
+
+    def _write_frames(self, tasks: list[dict[str, Any]], rows: dict[int, dict[str, Any]]) -> dict[int, str]:
+        """Write the images of the video frames among `tasks` (before the tasks that show
+        them); returns image id -> why, for the frames their video did not give."""
+        unreadable = {}
+        for image in sorted({t["data"]["image_id"] for t in tasks} & rows.keys()):
+            try:
+                self.frames.write(rows[image])
+            except FrameUnreadable as e:
+                log.warning("frame left out of the push: %s", e)
+                unreadable[image] = str(e)
+        return unreadable
 
     def _create(self, tasks: list[dict[str, Any]]) -> int:
         """Import `tasks`; a retry first looks up which of them a failed try already made."""

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from batchseg.config import ConfigError
+from batchseg.errors import one_line
 from batchseg.exports.coco import file_name, has_mask, input_roots
 from batchseg.exports.fiftyone import _ndarray, box_and_mask
 from batchseg.exports.labelstudio import TaskMaker, labeling_config
@@ -295,6 +296,10 @@ def export_fiftyone_video(results: Results, dest: str, storage_options: dict[str
 # --- Label Studio ------------------------------------------------------------------------------
 
 
+class FrameUnreadable(RuntimeError):
+    """A frame could not be decoded again from its video (gone, changed or corrupt since the run)."""
+
+
 class FrameImages:
     """Frame rows' images as JPEG files under FOLDER/VIDEO/NNNNNN.jpg (`frame_name`), decoded
     again from the videos: `uri` says where a frame's image goes, `write` puts it there."""
@@ -311,10 +316,16 @@ class FrameImages:
         return self.fs.unstrip_protocol(self._path(row))
 
     def write(self, row: dict[str, Any]) -> None:
+        """Raises FrameUnreadable when the video does not give the frame; storage errors of
+        the destination as they are."""
+        try:
+            data = frame_jpeg(row, self.input_options)
+        except Exception as e:  # PyAV, the video's storage, a frame no longer there: the video is at fault
+            raise FrameUnreadable(f"{row['image_uri']}: {one_line(e)}") from e
         path = self._path(row)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(path, "wb") as f:
-            f.write(frame_jpeg(row, self.input_options))
+            f.write(data)
         self.written += 1
 
     def _path(self, row: dict[str, Any]) -> str:

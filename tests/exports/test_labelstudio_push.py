@@ -276,7 +276,7 @@ def test_video_frames_go_as_image_tasks_label_studio_serves_grouped_by_video(
     receipt = push_labelstudio(open_results(str(out)), label_studio.url, f"{title} video", label_studio.token,
                                settings, storage=storage)
     assert receipt["tasks"]["created"] == 15 and receipt["frames"] == {
-        "folder": "s3://ls-frames/pushed", "tasks": 15, "written": 15}
+        "folder": "s3://ls-frames/pushed", "tasks": 15, "written": 15, "unreadable": 0, "first_unreadable": None}
     project_id = receipt["project"]["id"]
     tasks = _tasks(client, project_id)  # as pushed: once a storage is connected, Label Studio resolves the URIs
     client.import_storage.s3.create(project=project_id, bucket="ls-frames", s3endpoint=s3_endpoint, region_name="us-east-1",
@@ -315,11 +315,19 @@ def test_video_frames_go_as_image_tasks_label_studio_serves_grouped_by_video(
     assert review["image_id"] == row["image_id"] and review["image_uri"] == row["image_uri"]
     assert len(review["instances"]) == len(row["instances"])
 
-    # by default the frames go next to the results, named through --url-map like photos
-    local = push_labelstudio(open_results(str(out)), label_studio.url, f"{title} video local", label_studio.token,
-                             PushSettings(url_map=[(f"file://{out}/", "http://files.example/")]))
-    assert local["frames"]["written"] == 15
-    for task in _tasks(client, local["project"]["id"]):
+    # by default the frames go next to the results, named through --url-map like photos; a
+    # video gone since the run makes no task (counted, named), and the next push makes them
+    local = PushSettings(url_map=[(f"file://{out}/", "http://files.example/")], chunk_size=4)
+    (lake / "street.mp4").rename(tmp_path / "moved.mp4")
+    gone = push_labelstudio(open_results(str(out)), label_studio.url, f"{title} video local", label_studio.token, local)
+    assert gone["status"] == "done" and gone["tasks"]["created"] == 0 and gone["frames"]["unreadable"] == 15
+    assert gone["frames"]["first_unreadable"].startswith(f"file://{lake}/street.mp4#t=")
+    (tmp_path / "moved.mp4").rename(lake / "street.mp4")
+    back = push_labelstudio(open_results(str(out)), label_studio.url, f"{title} video local", label_studio.token, local)
+    assert back["tasks"]["created"] == back["frames"]["written"] == 15 and back["frames"]["unreadable"] == 0
+    for task in _tasks(client, back["project"]["id"]):
         name = task.data["image"].removeprefix("http://files.example/")
         assert name.startswith("labelstudio_push/frames/street.mp4/")
         assert Image.open(out / name).size == (96, 64)
+    with pytest.raises(ConfigError, match="^--frames bogus://x: .*give a local folder or s3://"):
+        push_labelstudio(open_results(str(out)), label_studio.url, title, label_studio.token, PushSettings(frames="bogus://x"))
