@@ -89,7 +89,8 @@ def main() -> None:
     print(f"\n== the loop: unreviewed images ({len(unreviewed)}) segm AP {b['segm']['AP']:.1f} -> {a['segm']['AP']:.1f}, "
           f"AP50 {b['segm']['AP50']:.1f} -> {a['segm']['AP50']:.1f}; training {card['iterations']} iterations in "
           f"{card['train_s']:.0f} s of training ({train_s:.0f} s for the command), "
-          f"held-out (reviewed) segm AP50 {card['heldout']['base'].get('segm_AP50')} -> {card['heldout']['trained'].get('segm_AP50')}; "
+          f"held-out (reviewed) segm AP50 {card['heldout']['base'].get('segm_AP50', 0):.1f} -> "
+          f"{card['heldout']['trained'].get('segm_AP50', 0):.1f}; "
           f"renders: {work / 'render' / 'index.html'}")
 
 
