@@ -143,6 +143,9 @@ class JobConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     decode_on_device: StrictBool = Field(False, description="decode baseline JPEGs on the GPU (nvJPEG); needs device cuda")
+    decode_threads: StrictInt | None = Field(
+        None, gt=0, description="threads each predictor actor decodes with on device cpu; None = the cluster's whole "
+                                "CPUs per actor, rounded up")
     batch_size: StrictInt = Field(4, gt=0, description="images per model forward")
     num_actors: StrictInt | None = Field(None, gt=0, description="predictor actors; None = one per GPU")
     max_actors: StrictInt | None = Field(None, gt=0, description="autoscale the pool up to this many")

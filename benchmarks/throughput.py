@@ -12,6 +12,9 @@
    with masks of realistic size) over 1920x1080 JPEGs resized to 800: the pipeline's images/s
    against the cores Ray has times a tight single-process loop doing the same work (read,
    decode, resize, predict, encode, one Parquet file). What is left is the pipeline's own cost.
+   Twice, in one run: with each actor decoding on one thread (before decode_threads) and with
+   decode_threads' default; each with the start-up (run start to the first batch in a
+   predictor, and to the first row written).
 5. the predictor actor's serial CPU per image outside the forward: Annotate over 16 decoded
    1920x1080 images with 20 instances each (ZeroCostBackend), the CPU time of the calling
    thread (encoding runs on the actor's encoder thread, overlapping the next forward).
@@ -28,6 +31,7 @@ import resource
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -101,13 +105,18 @@ def model_only(backend, inputs: list[ModelInput], batch_size: int) -> float:
     return len(inputs) / (time.perf_counter() - start)
 
 
-def pipeline_run(images: Path, out: Path, model: dict, args) -> dict:
+def pipeline_run(images: Path, out: Path, model: dict, args, **settings) -> dict:
+    """One run on the connected Ray; its report, plus `first_row_s`: from the run's start to its
+    first Parquet part written."""
     cfg = load_config(None, [
         (["inputs"], [str(images)]), (["output"], str(out)), (["models"], {"instance": model}),
         (["batch_size"], args.batch_size), (["device"], args.device), (["overwrite"], True),
-    ])
+    ] + [([key], value) for key, value in settings.items()])
     job.preflight(cfg)
-    return job.run(cfg)
+    report = job.run(cfg)
+    started = datetime.fromisoformat(report["started_at"]).timestamp()
+    first = min(p.stat().st_mtime for p in out.glob("annotations/run=*/*.parquet"))
+    return {**report, "first_row_s": round(first - started, 2)}
 
 
 def peak_rss_mib() -> float:
@@ -150,24 +159,24 @@ def zero_cost_section(args, work: Path) -> None:
     ray_start = time.perf_counter() - start
     cores = int(ray.cluster_resources()["CPU"])
     model = {"backend": "benchmarks.throughput:ZeroCostBackend", "score_threshold": 0.5}
-    small = pipeline_run(work / "zero_cost_n", work / "out_zero_cost_n", model, args)
-    large = pipeline_run(work / "zero_cost_4n", work / "out_zero_cost_4n", model, args)
-    ray.shutdown()
-    marginal = 3 * n / (large["wall_time_s"] - small["wall_time_s"])
     ideal = cores * single
     print(f"zero-cost model: JPEGs of 1920x1080 resized to 800, {ZERO_COST_INSTANCES} instances each, {cores} cores; "
-          f"pool of {small['actors']['max']} actors")
+          f"ray.init {ray_start:.1f} s")
     print(f"tight single-process loop ({n} images): {single:8.2f} images/s; x {cores} cores = {ideal:.2f}")
-    print(f"pipeline, {n} images:              {small['images_per_s']:8.2f} images/s   "
-          f"pipeline / (cores x loop) = {small['images_per_s'] / ideal:.2f}  (wall {small['wall_time_s']:.1f} s "
-          f"incl. planning and actor start)")
-    print(f"pipeline, {4 * n} images:             {large['images_per_s']:8.2f} images/s   "
-          f"pipeline / (cores x loop) = {large['images_per_s'] / ideal:.2f}  (wall {large['wall_time_s']:.1f} s)")
-    print(f"pipeline, marginal ({3 * n} more images): {marginal:8.2f} images/s   "
-          f"pipeline / (cores x loop) = {marginal / ideal:.2f}")
-    print(f"start-up: ray.init {ray_start:.1f} s, then run start to the first batch in a predictor "
-          f"{small['predictors']['startup_s']} s ({n} images) / {large['predictors']['startup_s']} s ({4 * n}); "
-          f"{n}-image run's bottleneck: {small['predictors']['bottleneck']}")
+    # before: each actor decoded on one thread; after: decode_threads' default
+    for name, settings in (("1 decode thread per actor", {"decode_threads": 1}), ("decode_threads default", {})):
+        small = pipeline_run(work / "zero_cost_n", work / "out_zero_cost_n", model, args, **settings)
+        large = pipeline_run(work / "zero_cost_4n", work / "out_zero_cost_4n", model, args, **settings)
+        marginal = 3 * n / (large["wall_time_s"] - small["wall_time_s"])
+        print(f"{name}, pool of {small['actors']['max']} actor(s):")
+        print(f"  pipeline, {n} images:      {small['images_per_s']:8.2f} images/s   / (cores x loop) = "
+              f"{small['images_per_s'] / ideal:.2f}  (wall {small['wall_time_s']:.1f} s incl. planning and actor start)")
+        print(f"  pipeline, {4 * n} images:     {large['images_per_s']:8.2f} images/s   / (cores x loop) = "
+              f"{large['images_per_s'] / ideal:.2f}  (wall {large['wall_time_s']:.1f} s)")
+        print(f"  marginal ({3 * n} more images): {marginal:8.2f} images/s   / (cores x loop) = {marginal / ideal:.2f}")
+        print(f"  start-up: run start to the first batch in a predictor {small['predictors']['startup_s']} s, to the "
+              f"first row written {small['first_row_s']} s; bottleneck: {small['predictors']['bottleneck']}")
+    ray.shutdown()
 
 
 def actor_section() -> None:

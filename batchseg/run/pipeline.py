@@ -52,7 +52,8 @@ def _build(job: JobConfig, where: Placement, done: DoneSet, weights: dict[str, W
     ds = ds.map_batches(
         stages.Annotate,
         fn_constructor_kwargs={"job": job, "device": where.device, "weights": weights, "journal": journal,
-                               "decodes": on_cpu, "meter": meter},
+                               "decodes": on_cpu, "meter": meter,
+                               "decode_threads": job.decode_threads or where.threads_per_actor},
         compute=ActorPoolStrategy(min_size=where.actors, max_size=where.max_actors),
         # a call takes a read block (or a forward, if larger) and runs forwards of each task's
         # batch size inside: fewer, larger calls amortise per-call costs and let encoding overlap

@@ -72,6 +72,13 @@ class Placement:
         """Whole CPUs over all nodes (at least 1): the concurrency caps of the I/O stages."""
         return max(1, sum(n.cpus for n in self.nodes))
 
+    @property
+    def threads_per_actor(self) -> int:
+        """The cluster's whole CPUs per predictor actor, rounded up: what a CPU actor decodes with
+        by default. The CPU kept spare is a scheduling reservation for the other stages' short
+        tasks, not a core left idle: on 2 CPUs the one actor decodes on both."""
+        return max(1, math.ceil(self.cpus / max(1, self.actors)))
+
     def shape(self) -> str:
         """The cluster as a user reads it: "3 nodes: 0+2+1 CPUs, 0+1+1 GPU"."""
         return describe(self.nodes, self.resources)

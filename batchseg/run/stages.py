@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import Iterator
 from typing import Any
 
@@ -233,7 +233,8 @@ class _Batcher:
 
 
 def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], max_pixels: int,
-                 journal: Any = None, jpegs_to_device: bool = False) -> dict[str, np.ndarray]:
+                 journal: Any = None, jpegs_to_device: bool = False, decoder: Executor | None = None
+                 ) -> dict[str, np.ndarray]:
     """bytes -> upright RGB -> each distinct model input (`image_0`, `image_1`, ...).
 
     Records the original size; see preprocess_plan for which task reads which image column.
@@ -242,6 +243,7 @@ def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], m
     jpegs_to_device (decode_on_device): a JPEG the device decodes as PIL does
     (imaging.device_jpeg_header) is not decoded here: its bytes go on in `jpeg`, its EXIF
     orientation in `orientation`, its upright size in height/width, for decode_on_device.
+    decoder: threads to decode the images on at once (None: one after another, here).
     """
     preprocessors, _ = preprocess_plan(models)
     errors, kinds = [_text(e) for e in batch["error"]], [_text(k) for k in batch["error_kind"]]
@@ -252,7 +254,8 @@ def decode_batch(batch: dict[str, np.ndarray], models: dict[str, ModelConfig], m
                    if not _is_frame(batch, i) and (header := device_jpeg_header(batch["data"][i], max_pixels))}
         todo = [i for i in todo if i not in headers]
     decoded = inflight.guarded(journal, "decode", [int(batch["key"][i]) for i in todo],
-                               lambda idx: [_decode(_source(batch, todo[j]), preprocessors, max_pixels) for j in idx],
+                               lambda idx: list((decoder.map if decoder else map)(
+                                   lambda j: _decode(_source(batch, todo[j]), preprocessors, max_pixels), idx)),
                                lambda j: _killed(preprocessors))
     images = [[_NO_IMAGE] * len(errors) for _ in preprocessors]
     heights, widths = np.full(len(errors), -1, np.int32), np.full(len(errors), -1, np.int32)
@@ -358,10 +361,11 @@ class Annotate:
     """
 
     def __init__(self, job: JobConfig, device: str, weights: dict[str, WeightsRef | None] | None = None,
-                 journal: Any = None, decodes: bool = False, meter: Any = None) -> None:
+                 journal: Any = None, decodes: bool = False, meter: Any = None, decode_threads: int = 1) -> None:
         """weights: per task, what preflight pinned (None: random init); journal: see inflight.
         decodes: batches arrive as read_batch leaves them and are decoded here (decode_batch),
-        so no decoded image crosses a stage boundary (on CPU, where decode shares the cores).
+        so no decoded image crosses a stage boundary (on CPU, where decode shares the cores),
+        by `decode_threads` threads (PIL's decode and resize release the GIL).
         meter: the run's meter (batchseg.run.meter; None: timers kept here only)."""
         self.models = {task: job.models[task] for task in job.tasks}
         self.decodes, self.max_pixels = decodes, job.max_image_pixels
@@ -379,6 +383,7 @@ class Annotate:
         self.batch_size = {task: cfg.batch_size or job.batch_size for task, cfg in self.models.items()}
         self.thresholds = {task: cfg.score_threshold for task, cfg in self.models.items()}
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        self.decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decodes and decode_threads > 1 else None
         self.meter, self.actor_id, self.times = meter, uuid.uuid4().hex[:8], run_meter.ActorTimes()
         self._first: float | None = None  # when the first batch came: start-up is not starving
         self._idle_since = 0.0
@@ -401,7 +406,7 @@ class Annotate:
     def _decoded(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         if self.decodes:
-            batch = decode_batch(batch, self.models, self.max_pixels, self.journal)
+            batch = decode_batch(batch, self.models, self.max_pixels, self.journal, decoder=self.decoder)
         if "jpeg" in batch:  # decode_batch left JPEGs to this device (decode_on_device)
             batch = decode_on_device(batch, self.preprocessors, self.max_pixels, self.device, self.journal)
         self.times.decode_s += time.perf_counter() - start

@@ -132,6 +132,20 @@ def test_decode_stage_passes_device_jpegs_on_and_decodes_the_rest_as_before():
             assert (after["error"][i], after["error_kind"][i]) == (before["error"][i], before["error_kind"][i]), kind
 
 
+def test_decoding_on_threads_gives_the_same_batch_in_the_same_order():
+    """decode_threads: the actor's decoder pool, against one image after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = read_rows([encoded(k) for k in KINDS] + [jpeg(scene(60 + i, 80 + i), 6) for i in range(8)])
+    alone = decode_batch(rows, models(), LIMIT)
+    with ThreadPoolExecutor(3) as decoder:
+        threaded = decode_batch(rows, models(), LIMIT, decoder=decoder)
+    assert alone.keys() == threaded.keys()
+    for column in alone:
+        for a, b in zip(alone[column], threaded[column]):
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, column
+
+
 def test_actor_decode_gives_the_cpu_rows_sizes_errors_and_close_pixels():
     kinds = list(KINDS)
     rows = read_rows([encoded(k) for k in kinds] + [jpeg(scene(), 6)])

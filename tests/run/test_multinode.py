@@ -77,6 +77,12 @@ def test_a_single_cpu_shares_it_and_a_pool_too_large_is_kept_with_a_warning(capl
     assert big.shape() == "3 nodes: 1+2+2 CPUs"
 
 
+def test_a_cpu_actor_decodes_on_the_clusters_cpus_per_actor_rounded_up():
+    assert placement.place(job(device="cpu"), (node(2),)).threads_per_actor == 2  # 1 actor, 2 CPUs
+    assert placement.place(job(device="cpu"), (node(0), node(8), node(8))).threads_per_actor == 2  # 15 on 16
+    assert placement.place(job(device="cpu", num_actors=4), (node(4),)).threads_per_actor == 1
+
+
 def cluster_now(nodes, free, demands, can_add=False):
     return stall.ClusterNow(tuple(nodes), {n.node_id: f for n, f in zip(nodes, free)}, demands, can_add)
 
