@@ -323,7 +323,14 @@ def test_video_frames_go_as_image_tasks_label_studio_serves_grouped_by_video(
     assert gone["status"] == "done" and gone["tasks"]["created"] == 0 and gone["frames"]["unreadable"] == 15
     assert gone["frames"]["first_unreadable"].startswith(f"file://{lake}/street.mp4#t=")
     (tmp_path / "moved.mp4").rename(lake / "street.mp4")
-    back = push_labelstudio(open_results(str(out)), label_studio.url, f"{title} video local", label_studio.token, local)
+    cmd = [sys.executable, "-m", "batchseg", "push", "labelstudio", str(out), "--url", label_studio.url,
+           "--project", f"{title} video local", "--url-map", f"file://{out}/=http://files.example/",
+           "--receipt", str(tmp_path / "receipt.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LABEL_STUDIO_API_KEY": label_studio.token})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"batchseg: 15 video frame images written to file://{out}/labelstudio_push/frames" in done.stdout.splitlines()
+    back = json.loads((tmp_path / "receipt.json").read_text())
     assert back["tasks"]["created"] == back["frames"]["written"] == 15 and back["frames"]["unreadable"] == 0
     for task in _tasks(client, back["project"]["id"]):
         name = task.data["image"].removeprefix("http://files.example/")
