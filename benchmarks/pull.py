@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RUN_ID = "20261122T000000Z-0001"
+SAVED = datetime(2026, 12, 1, tzinfo=timezone.utc)  # task i was last saved i seconds after this
 H, W = 48, 64
 
 
@@ -132,7 +135,7 @@ class FakeLabelStudio:
 
     def task(self, i: int) -> dict:
         kind = "delete" if i % 5 == 0 else "shrink" if i % 7 == 0 else "accept"
-        stamp = f"2026-12-01T{(i // 3600) % 24:02d}:{(i // 60) % 60:02d}:{i % 60:02d}.000000Z"
+        stamp = (SAVED + timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return {"id": i + 1, "data": {"image": uri(i), "image_id": self.image_id(uri(i)), "batchseg_run": RUN_ID},
                 "annotations": [{"id": i + 1, "completed_by": 1, "result": self.results[kind], "was_cancelled": False,
                                  "ground_truth": False, "created_at": stamp, "updated_at": stamp, "lead_time": 5.0 + i % 13,
@@ -140,6 +143,16 @@ class FakeLabelStudio:
                 "predictions": [{"id": i + 1, "model_version": "bench", "result": [], "score": 0.5, "task": i + 1}],
                 "total_annotations": 1, "cancelled_annotations": 0, "total_predictions": 1,
                 "created_at": stamp, "updated_at": stamp, "project": 1}
+
+    @staticmethod
+    def first_after(query: str | None) -> int:
+        """The first task a Data Manager query's `updated_at > VALUE` filter lets through (task
+        i was saved at SAVED + i seconds; the pull pages by that filter, always at page 1)."""
+        for item in (json.loads(query)["filters"]["items"] if query else []):
+            if item["filter"] == "filter:tasks:updated_at" and item["operator"] == "greater":
+                after = datetime.strptime(item["value"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+                return max(0, math.floor((after - SAVED).total_seconds()) + 1)
+        return 0
 
     def serve(self) -> ThreadingHTTPServer:
         fake = self
@@ -159,7 +172,7 @@ class FakeLabelStudio:
                     body, status = [{"id": 1, "email": "annotator@example.com", "username": "a"}], 200
                 elif url.path.startswith("/api/tasks"):
                     page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
-                    first = (page - 1) * size
+                    first = fake.first_after(query.get("query")) + (page - 1) * size
                     if first >= fake.count and page > 1:
                         body, status = {"detail": "Invalid page."}, 404
                     else:
