@@ -7,7 +7,8 @@ starts) over N 1920x1080 JPEGs with the zero-cost model (benchmarks/throughput.p
 from outside:
 - command -> run start: imports, config and input checks, `ray.init` (the report's started_at);
 - run start -> the first batch in a predictor (the report's predictors.startup_s);
-- run start -> the first row written (the first Parquet part's mtime);
+- run start -> the first row written (the first Parquet part's mtime; rows_per_file=1, so a part
+  is written as soon as the first block's rows reach the write stage);
 - command -> exit.
 Then the imports alone, before and after 655cd24 in one run: `import batchseg.cli.main` as it
 is, against the same plus the two modules every command imported until then (the train
@@ -41,8 +42,8 @@ def one_run(images: Path, out: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks")])}
     began = time.time()
     subprocess.run([sys.executable, "-m", "batchseg", "run", "--input", str(images), "--output", str(out), "--device",
-                    "cpu", "--backend", "throughput:ZeroCostBackend"], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+                    "cpu", "--backend", "throughput:ZeroCostBackend", "--set", "rows_per_file=1"], cwd=REPO, env=env,
+                   check=True, capture_output=True)
     ended = time.time()
     report = json.loads((out / "run.json").read_text())
     started = datetime.fromisoformat(report["started_at"]).timestamp()

@@ -14,7 +14,7 @@
    decode, resize, predict, encode, one Parquet file). What is left is the pipeline's own cost.
    Twice, in one run: with each actor decoding on one thread (before decode_threads) and with
    decode_threads' default; each with the start-up (run start to the first batch in a
-   predictor, and to the first row written).
+   predictor).
 5. the predictor actor's serial CPU per image outside the forward: Annotate over 16 decoded
    1920x1080 images with 20 instances each (ZeroCostBackend), the CPU time of the calling
    thread (encoding runs on the actor's encoder thread, overlapping the next forward).
@@ -31,7 +31,6 @@ import resource
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -106,17 +105,13 @@ def model_only(backend, inputs: list[ModelInput], batch_size: int) -> float:
 
 
 def pipeline_run(images: Path, out: Path, model: dict, args, **settings) -> dict:
-    """One run on the connected Ray; its report, plus `first_row_s`: from the run's start to its
-    first Parquet part written."""
+    """One run on the connected Ray; its report."""
     cfg = load_config(None, [
         (["inputs"], [str(images)]), (["output"], str(out)), (["models"], {"instance": model}),
         (["batch_size"], args.batch_size), (["device"], args.device), (["overwrite"], True),
     ] + [([key], value) for key, value in settings.items()])
     job.preflight(cfg)
-    report = job.run(cfg)
-    started = datetime.fromisoformat(report["started_at"]).timestamp()
-    first = min(p.stat().st_mtime for p in out.glob("annotations/run=*/*.parquet"))
-    return {**report, "first_row_s": round(first - started, 2)}
+    return job.run(cfg)
 
 
 def peak_rss_mib() -> float:
@@ -174,8 +169,8 @@ def zero_cost_section(args, work: Path) -> None:
         print(f"  pipeline, {4 * n} images:     {large['images_per_s']:8.2f} images/s   / (cores x loop) = "
               f"{large['images_per_s'] / ideal:.2f}  (wall {large['wall_time_s']:.1f} s)")
         print(f"  marginal ({3 * n} more images): {marginal:8.2f} images/s   / (cores x loop) = {marginal / ideal:.2f}")
-        print(f"  start-up: run start to the first batch in a predictor {small['predictors']['startup_s']} s, to the "
-              f"first row written {small['first_row_s']} s; bottleneck: {small['predictors']['bottleneck']}")
+        print(f"  start-up: run start to the first batch in a predictor {small['predictors']['startup_s']} s "
+              f"(benchmarks/startup.py has the rest); bottleneck: {small['predictors']['bottleneck']}")
     ray.shutdown()
 
 
