@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -243,14 +244,22 @@ def run(job: JobConfig, prepared: Prepared | None = None, held: lease.Lease | No
 
 
 def cluster_report(where: placement.Placement, journal: Any) -> dict[str, Any]:
-    """{"shape": at the start, "nodes_lost": [{node_id, address, resources}] of the nodes the run
-    started with that are gone now, "retries": {what: count} (inflight.Journal.figures)}."""
-    alive = {n.node_id for n in placement.alive_nodes()}
-    lost = [{"node_id": n.node_id, "address": n.address, "resources": n.resources}
-            for n in where.nodes if n.node_id not in alive]
+    """{"shape": at the start, "nodes_lost" / "nodes_joined": [{node_id, address, resources}] of
+    the nodes the run started with that are gone now / of those alive now it did not start
+    with, "predictor_actors": {node id: predictor actors that ran there}, "retries": {what:
+    count} (inflight.Journal.figures)}."""
+    now = placement.alive_nodes()
+    alive, started = {n.node_id for n in now}, {n.node_id for n in where.nodes}
+    lost = [_node(n) for n in where.nodes if n.node_id not in alive]
     for n in lost:
         log.warning("node %s (%s) was lost during the run", n["node_id"], n["address"])
-    return {"shape": where.shape(), "nodes_lost": lost, "retries": ray.get(journal.figures.remote())["retries"]}
+    figures = ray.get(journal.figures.remote())
+    return {"shape": where.shape(), "nodes_lost": lost, "nodes_joined": [_node(n) for n in now if n.node_id not in started],
+            "predictor_actors": dict(Counter(figures["actors"].values())), "retries": figures["retries"]}
+
+
+def _node(node: placement.Node) -> dict[str, Any]:
+    return {"node_id": node.node_id, "address": node.address, "resources": node.resources}
 
 
 def _exit_on_sigterm() -> None:

@@ -15,9 +15,17 @@ class SlowColorKey(ColorKeyBackend):
     """The colour-key oracle, SECONDS_PER_IMAGE slower per image: a run lasts long enough to
     lose a node in the middle of it."""
 
+    seconds_per_image = SECONDS_PER_IMAGE
+
     def predict(self, images):
-        time.sleep(SECONDS_PER_IMAGE * len(images))
+        time.sleep(self.seconds_per_image * len(images))
         return super().predict(images)
+
+
+class SlowerColorKey(SlowColorKey):
+    """A second each image: one actor's run lasts long enough for a node to join and be used."""
+
+    seconds_per_image = 1.0
 
 
 def hold_cpus(address: str, cpus: int) -> None:

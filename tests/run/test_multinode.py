@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -243,17 +244,17 @@ def test_a_shape_that_cannot_run_says_so_exits_5_and_the_next_run_finishes(clust
     assert_exactly_once(tmp_path / "out", images)
 
 
-def kill_mid_run(cluster, node, command: list[str]) -> tuple[int, str]:
-    """Start `command` (a batchseg run), kill `node` without warning once the run has committed
-    its first part, and wait for the run: (exit code, stderr)."""
+def change_mid_run(command: list[str], change: Callable[[], object]) -> tuple[int, str]:
+    """Start `command` (a batchseg run), `change` the cluster once the run has committed its
+    first part, and wait for the run: (exit code, stderr)."""
     out = Path(command[command.index("--output") + 1])
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 150
         while not list(out.glob("annotations/run=*/*.parquet")) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert run.poll() is None, "the run ended before the node could be killed"
-        cluster.remove_node(node, allow_graceful=False)
+        assert run.poll() is None, "the run ended before the cluster could be changed"
+        change()
         _, stderr = run.communicate(timeout=200)
     finally:
         run.kill()
@@ -279,10 +280,30 @@ def test_a_worker_node_killed_mid_run_loses_no_image_and_doubles_none(clusters, 
     root, images = lake
     cluster, (doomed, _) = clusters(head_cpus, *workers)
     out = tmp_path / "out"
-    code, stderr = kill_mid_run(cluster, doomed, run_command(cluster.address, root, out, "--set", "rows_per_file=4",
-                                                             *flags, backend=SLOW))
+    code, stderr = change_mid_run(run_command(cluster.address, root, out, "--set", "rows_per_file=4", *flags, backend=SLOW),
+                                  lambda: cluster.remove_node(doomed, allow_graceful=False))
     assert code == 0, stderr[-3000:]
     report = assert_exactly_once(out, images)
     assert [n["node_id"] for n in report["cluster"]["nodes_lost"]] == [doomed.node_id]
     assert sum(report["cluster"]["retries"].values()) >= 1, report["cluster"]
     print(report["cluster"], report["actors"])
+
+
+@pytest.mark.timeout(300)
+def test_a_node_that_joins_mid_run_gets_predictor_actors_up_to_max_actors(clusters, lake, tmp_path):
+    """A node added mid-run, as an autoscaler adds one (none runs here: the test adds it): Ray
+    Data's actor pool grows onto it up to max_actors. The actors ask for one `accel` unit each,
+    so the pool can grow only where a node brings one."""
+    root, images = lake
+    cluster, _ = clusters(1, {"num_cpus": 2, "resources": {"accel": 1}})
+    out = tmp_path / "out"
+    joined = []
+    code, stderr = change_mid_run(
+        run_command(cluster.address, root, out, "--set", "rows_per_file=4", "--set", "actor_resource=accel",
+                    "--set", "max_actors=2", backend="tests.run.multinode_parts:SlowerColorKey"),
+        lambda: joined.append(cluster.add_node(num_cpus=2, resources={"accel": 1})))
+    assert code == 0, stderr[-3000:]
+    report = assert_exactly_once(out, images)
+    assert (report["actors"]["min"], report["actors"]["max"]) == (1, 2)
+    assert [n["node_id"] for n in report["cluster"]["nodes_joined"]] == [joined[0].node_id]
+    assert report["cluster"]["predictor_actors"].get(joined[0].node_id) == 1, report["cluster"]
