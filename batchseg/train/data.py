@@ -212,6 +212,20 @@ def decode_examples(batch: dict[str, np.ndarray], min_size: int, max_size: int,
     return out
 
 
+def check_readable(examples: list[dict[str, Any]], storage: StorageConfig, hint: str, tries: int = 3) -> None:
+    """Refuse (ConfigError) when none of the first `tries` images can be read: a wrong image
+    folder, which would otherwise leave every training image out, one warning each."""
+    error = None
+    for example in examples[:tries]:
+        try:
+            _read(example["image_uri"], storage)
+            return
+        except Exception as e:  # whatever storage raises: only the refusal's text uses it
+            error = f"{example['image_uri']}: cannot be read ({e})"
+    if error is not None:
+        raise ConfigError(f"{error}; {hint}")
+
+
 def _read(uri: str, storage: StorageConfig) -> bytes:
     member = sources.split_member(uri)
     if member is None:

@@ -88,6 +88,9 @@ def plan(spec: TrainSpec) -> tuple[training_data.TrainingData, WeightsRef | None
         examples, categories, source = training_data.from_coco(spec.data, spec.images, spec.storage)
     else:
         examples, categories, source = training_data.from_reviews(spec.data, spec.storage, spec.include_model_rows)
+    training_data.check_readable(examples, spec.storage,
+                                 "give --images, the folder the file_names are under" if spec.data.rstrip("/").endswith(".json")
+                                 else "the reviewed images are read where the run read them")
     examples, categories = training_data.select_categories(examples, categories, spec.categories)
     split = training_data.split(examples, categories, source, spec.heldout_fraction)
     needed = max(spec.min_images, spec.hyper.batch_size * spec.workers)

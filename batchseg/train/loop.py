@@ -61,6 +61,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     scaler = torch.amp.GradScaler("cuda") if hyper.amp else None
     while session.iteration < hyper.iterations:
+        before = session.iteration
         for batch in shard.iter_batches(batch_size=hyper.batch_size, batch_format="numpy", drop_last=True):
             images, targets = recipe.to_targets(batch, hyper.flip, session.rng)
             images = [im.to(device) for im in images]
@@ -69,6 +70,9 @@ def train_loop(config: dict[str, Any]) -> None:
                               schedule.get_last_lr()[0])
             if session.iteration >= hyper.iterations:
                 break
+        if session.iteration == before:  # else the next pass would be as empty, forever
+            raise RuntimeError(f"a whole pass over this worker's training images gave no batch of {hyper.batch_size}: "
+                               "their decoding failed (see the 'training image ... left out' warnings)")
 
 
 def _detectron2_loop(config: dict[str, Any], hyper: Hyper, rank: int, workers: int, base: str | None) -> None:

@@ -156,3 +156,10 @@ def test_run_model_dir_takes_the_card_and_flags_override_it(tmp_path):
                                       "--model-dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="no model_card.json there; give a folder `batchseg train` finished writing"):
         config_from_args(args)
+
+
+def test_a_wrong_image_folder_is_one_line(scenes, tmp_path):
+    """Every image unreadable (the COCO file_names are not under --images): refused before Ray
+    starts; in the workers each image would be left out, and every pass would be empty."""
+    with pytest.raises(ConfigError, match=r"\S+: cannot be read \(\[Errno 2\] .*\); give --images, the folder the file_names are under"):
+        plan(TrainSpec(data=str(scenes / "ground_truth.json"), images=str(tmp_path), output=str(tmp_path / "m"), min_images=5))
