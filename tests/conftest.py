@@ -54,6 +54,25 @@ def ray_cluster():
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def keeping_sessions_ray_client():
+    """Around a `ray.cluster_utils.Cluster` made in this process: starting its head points this
+    process's internal-KV client at that cluster's GCS (and Cluster.shutdown resets it). Once
+    the cluster is gone, the session's own Ray (`ray_cluster`) would call the dead GCS and,
+    after 60 s, Ray terminates the whole pytest process (exit 1, no summary). The session's
+    client is put back on the way out."""
+    from ray.experimental import internal_kv
+
+    sessions = internal_kv.internal_kv_get_gcs_client()
+    try:
+        yield
+    finally:
+        if sessions is not None:
+            internal_kv._initialize_internal_kv(sessions)
+        else:
+            internal_kv._internal_kv_reset()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ import pytest
 from batchseg.config import ConfigError, load_config
 from batchseg.run import placement, stall
 from batchseg.samples import write_samples
-from tests.conftest import REPO, read_rows
+from tests.conftest import REPO, keeping_sessions_ray_client, read_rows
 
 ORACLE = "tests.oracle:ColorKeyBackend"
 SLOW = "tests.run.multinode_parts:SlowColorKey"
@@ -126,16 +126,9 @@ def test_stall_settings_are_checked_before_anything_starts():
 @pytest.fixture
 def clusters():
     """Makes local multi-node clusters; kills every node at the end (one by one: Cluster.shutdown
-    would also reset this process's Ray client state).
-
-    Starting a head node here points this process's internal-KV client at that cluster's GCS;
-    once the cluster is gone, the session's own Ray (tests/conftest.py `ray_cluster`) would call
-    the dead GCS and, after 60 s, Ray terminates the whole pytest process (exit 1, no summary). So
-    the session's client is put back."""
+    would also reset this process's Ray client state)."""
     from ray.cluster_utils import Cluster
-    from ray.experimental import internal_kv
 
-    sessions_kv = internal_kv.internal_kv_get_gcs_client()
     made = []
 
     def make(head_cpus: int, *workers: dict) -> tuple[Cluster, list]:
@@ -144,16 +137,13 @@ def clusters():
         made.append(cluster)
         return cluster, [cluster.add_node(**args) for args in workers]
 
-    yield make
-    for cluster in made:
-        for n in list(cluster.worker_nodes):
-            cluster.remove_node(n, allow_graceful=False)
-        if cluster.head_node is not None:
-            cluster.remove_node(cluster.head_node, allow_graceful=False)
-    if sessions_kv is not None:
-        internal_kv._initialize_internal_kv(sessions_kv)
-    else:
-        internal_kv._internal_kv_reset()
+    with keeping_sessions_ray_client():
+        yield make
+        for cluster in made:
+            for n in list(cluster.worker_nodes):
+                cluster.remove_node(n, allow_graceful=False)
+            if cluster.head_node is not None:
+                cluster.remove_node(cluster.head_node, allow_graceful=False)
 
 
 @pytest.fixture(scope="module")

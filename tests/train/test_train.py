@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, keeping_sessions_ray_client
 
 ARCH = "maskrcnn_resnet18_fpn"
 
@@ -42,9 +42,10 @@ def cluster():
     """One head node for the module's commands (`--ray-address`): started once, not per command."""
     from ray.cluster_utils import Cluster
 
-    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
-    yield head.address
-    head.shutdown()
+    with keeping_sessions_ray_client():
+        head = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+        yield head.address
+        head.shutdown()
 
 
 def raylet_of(address: str) -> int:
