@@ -34,8 +34,16 @@ class DecodeError(ValueError):
 
 
 def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
-    """bytes -> (H, W, 3) uint8 RGB, upright.
+    """bytes -> (H, W, 3) uint8 RGB, upright: decode_image's pixels as an array."""
+    return np.asarray(decode_image(data, max_pixels))
 
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """bytes -> an upright PIL image of mode RGB, (W, H) pixels.
+
+    Kept in PIL so that a preprocessor that resizes (ShortestEdge.from_image) copies the pixels
+    into numpy once, after the resize: each copy out of PIL holds the GIL, and the decode
+    threads of a CPU actor overlap only outside it.
     Raises DecodeError for empty, truncated, non-image and oversized (decompression bomb) input.
     """
     if not data:
@@ -58,18 +66,34 @@ def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
         raise DecodeError(f"cannot decode image: {one_line(e)}") from None
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
+def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         wide = np.asarray(image, dtype=np.uint32)
         top = 65535 if image.mode != "I" or wide.max(initial=0) > 255 else 255
         gray = (wide.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
     if image.mode == "F":
         gray = np.asarray(image, dtype=np.float32)
-        return np.repeat(gray.clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8)
+        return Image.fromarray(np.repeat(gray.clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def model_inputs(image: Image.Image | np.ndarray, preprocessors: list[Callable[[np.ndarray], np.ndarray]]
+                 ) -> list[np.ndarray]:
+    """One upright RGB image (a PIL image, or an (H, W, 3) uint8 array) -> each preprocessor's
+    model input. A preprocessor with `from_image` (ShortestEdge) takes the PIL image as it is;
+    the others get the (H, W, 3) array, made once."""
+    array = image if isinstance(image, np.ndarray) else None
+    out = []
+    for prep in preprocessors:
+        from_image = getattr(prep, "from_image", None)
+        if from_image is not None:
+            out.append(from_image(Image.fromarray(image) if isinstance(image, np.ndarray) else image))
+            continue
+        if array is None:
+            array = np.asarray(image)
+        out.append(prep(array))
+    return out
 
 
 def shortest_edge_size(h: int, w: int, short: int, long_cap: int) -> tuple[int, int]:
@@ -84,10 +108,18 @@ def shortest_edge_size(h: int, w: int, short: int, long_cap: int) -> tuple[int, 
 def resize_shortest_edge(rgb: np.ndarray, short: int, long_cap: int) -> np.ndarray:
     """Scale (H, W, C) uint8 to shortest_edge_size, bilinear (PIL)."""
     h, w = rgb.shape[:2]
-    new_h, new_w = shortest_edge_size(h, w, short, long_cap)
-    if (new_h, new_w) == (h, w):
+    if shortest_edge_size(h, w, short, long_cap) == (h, w):
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    return resize_image(Image.fromarray(rgb), short, long_cap)
+
+
+def resize_image(image: Image.Image, short: int, long_cap: int) -> np.ndarray:
+    """A PIL image of (W, H) pixels -> (new_h, new_w, C) uint8 at shortest_edge_size, bilinear
+    (PIL): the pixels resize_shortest_edge gives for the same image as an array."""
+    new_h, new_w = shortest_edge_size(image.height, image.width, short, long_cap)
+    if (new_h, new_w) != (image.height, image.width):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return np.asarray(image)
 
 
 def resize_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -113,6 +145,10 @@ class ShortestEdge:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         return resize_shortest_edge(rgb, self.short, self.long_cap)
+
+    def from_image(self, image: Image.Image) -> np.ndarray:
+        """The same from a PIL image (decode_image's): one copy into numpy, after the resize."""
+        return resize_image(image, self.short, self.long_cap)
 
     def on_device(self, rgb: torch.Tensor) -> torch.Tensor:
         """The same on a (3, H, W) uint8 RGB tensor, on its device (resize_tensor)."""

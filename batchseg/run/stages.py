@@ -38,7 +38,7 @@ from batchseg.inputs import manifests, names, sources, video as videos
 from batchseg.rows import review_priority
 from batchseg.config import JobConfig, ModelConfig, StorageConfig, VideoConfig
 from batchseg.errors import one_line
-from batchseg.inputs.imaging import DecodeError, decode_jpegs, decode_rgb, device_jpeg_header, orient
+from batchseg.inputs.imaging import DecodeError, decode_image, decode_jpegs, device_jpeg_header, model_inputs, orient
 from batchseg.store.ledger import DoneSet, done_key, done_keys_of
 from batchseg.predictors.base import (
     Backend, ModelInput, Preprocessor, Result, backend_class, group_by_shape, preprocess_plan,
@@ -281,11 +281,13 @@ def _source(batch: dict[str, np.ndarray], i: int) -> bytes | np.ndarray:
 
 
 def _decode(data: bytes | np.ndarray, preprocessors: list[Preprocessor], max_pixels: int) -> _Decoded:
-    """One image on the CPU: decode_rgb (a video frame comes decoded), then each
-    preprocessor; or the one-line error."""
+    """One image on the CPU: decode_image (a video frame comes decoded), then each
+    preprocessor (imaging.model_inputs); or the one-line error."""
     try:
-        rgb = data if isinstance(data, np.ndarray) else decode_rgb(data, max_pixels)
-        return [prep(rgb) for prep in preprocessors], *rgb.shape[:2], None, None
+        if isinstance(data, np.ndarray):
+            return model_inputs(data, preprocessors), *data.shape[:2], None, None
+        image = decode_image(data, max_pixels)
+        return model_inputs(image, preprocessors), image.height, image.width, None, None
     except Exception as e:
         return [_NO_IMAGE] * len(preprocessors), -1, -1, _decode_error(e), failures.decode_failure_kind(e)
 

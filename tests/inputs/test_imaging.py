@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchseg.inputs.imaging import DecodeError, decode_rgb, resize_shortest_edge
+from batchseg.inputs.imaging import DecodeError, ShortestEdge, decode_image, decode_rgb, model_inputs, resize_shortest_edge
 
 LIMIT = 89_478_485
 
@@ -61,6 +61,23 @@ def test_pixel_limit_is_configurable(samples):
 def test_resize_shortest_edge(h, w, short, cap, expected):
     out = resize_shortest_edge(np.zeros((h, w, 3), np.uint8), short, cap)
     assert out.shape[:2] == expected
+
+
+@pytest.mark.parametrize("name", ["odd/rotated_exif6.png", "odd/gray.jpg", "odd/gray16.png", "odd/rgba.png",
+                                  "odd/palette.png", "odd/cmyk.jpg", "street/scene_a.png"])
+def test_resize_from_the_pil_image_equals_the_array_path(samples, name):
+    """The decode stage's path (decode_image, then ShortestEdge.from_image: one copy into numpy)
+    gives the pixels of decoding to an array and resizing that, for every mode and orientation;
+    a preprocessor without from_image gets the array."""
+    data, prep = read(samples, name), ShortestEdge(150, 210)
+    image = decode_image(data, LIMIT)
+    assert image.mode == "RGB"
+    array_path = resize_shortest_edge(decode_rgb(data, LIMIT), 150, 210)
+    resized, plain = model_inputs(image, [prep, lambda rgb: rgb + 0])
+    assert np.array_equal(resized, array_path) and resized.shape[:2] != image.size[::-1]  # it did resize
+    assert np.array_equal(plain, decode_rgb(data, LIMIT))
+    from_frame, = model_inputs(decode_rgb(data, LIMIT), [prep])  # a video frame comes as an array
+    assert np.array_equal(from_frame, array_path)
 
 
 def test_resize_matches_detectron2_when_installed():
