@@ -73,8 +73,8 @@ def listing(units: list[Any], storage: StorageConfig, done: DoneSet, rows_per_bl
     """The rows to read (stages.list_inputs: files less what is done, a video as its segments),
     in blocks of `rows_per_block`: one task per unit (a folder's listing unit or a manifest part).
 
-    A task's rows go on when its output block fills or it ends (Ray Data's buffering), so
-    units finish one after another rather than all at the end: half as many at once as the
+    Each task cuts its rows into blocks as it lists, so they go on as soon as a block fills.
+    Units finish one after another rather than all at the end: half as many at once as the
     cluster has whole CPUs, `cpus` (each lists with its own threads, and asks for no CPU)."""
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(
@@ -82,7 +82,27 @@ def listing(units: list[Any], storage: StorageConfig, done: DoneSet, rows_per_bl
                                        "meter": meter},
         batch_size=1, num_cpus=0, compute=TaskPoolStrategy(size=max(2, cpus // 2)), max_retries=max_retries,
     )
-    return ds.repartition(target_num_rows_per_block=rows_per_block)
+    return _in_blocks_of(ds, rows_per_block)
+
+
+def _in_blocks_of(ds: Dataset, rows: int) -> Dataset:
+    """`ds` (a map's output, asking for no CPU) in blocks of at most `rows` rows, cut by the
+    map's own tasks: what `ds.repartition(target_num_rows_per_block=rows)` adds (Ray Data's
+    StreamingRepartition), with the remote args and compute it does not expose.
+
+    repartition() runs its own tasks, each asking for Ray's default of 1 CPU: while a pool of
+    CPU actors held every CPU they never started, and the run waited for ever. Asking for no
+    CPU, with the map's remote args and task pool, Ray Data fuses it into the map (a
+    non-strict StreamingRepartition after a MapBatches whose remote args and pool size match). Built
+    as repartition() builds it; Ray is pinned (pyproject.toml) and a test checks the fusion.
+    """
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    the_map = ds._logical_plan.dag
+    op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[the_map],
+                              ray_remote_args=dict(the_map.ray_remote_args), compute=the_map.compute)
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
 def write(ds: Dataset, sink: RunSink, max_retries: int) -> None:

@@ -2,20 +2,26 @@
 
 Why per node. A pool sized from the cluster's sum (`cluster_resources()`), each actor asking
 for a fraction of a CPU, lets Ray pack actors until no node has a whole CPU left, and every
-task that asks for one (the listing's repartition, the ledger's plan, decode beside GPU
-actors) waits forever, although the cluster's sum shows CPU to spare.
+task that asks for one (decode beside GPU actors) waits forever, although the cluster's sum
+shows CPU to spare.
 
 The rule. Every predictor actor asks for whole units: 1 CPU (and, on GPU, `gpus_per_actor`
 GPUs; or one unit of `actor_resource`). Ray never splits a whole unit, so each node's free
 CPU is a whole number, and the pool is capped at
 
     sum over nodes of min(floor(CPU_n), floor(accelerator_n / per_actor))   (actor slots)
-    and sum over nodes of floor(CPU_n) - 1                                  (one CPU spare)
 
-so that, wherever Ray puts the actors, some node keeps at least one whole CPU free for the
-stages that need one. Listing, reading and writing ask for no CPU (they wait on I/O) and fit
-on any node, the head with `num-cpus: 0` included. A cluster with a single whole CPU has no
-CPU to spare: there, one actor asks for no CPU and shares the core with the other stages.
+On device cpu that is the pool: the actors decode what they predict, and nothing else in a
+run asks for a CPU (listing, planning, reading and writing wait on I/O and ask for none), so
+every whole CPU gets an actor. Beside GPU actors the decode tasks ask for 1 CPU each, so the
+pool is also capped at
+
+    sum over nodes of floor(CPU_n) - 1                                      (one CPU spare)
+
+so that, wherever Ray puts the actors, some node keeps at least one whole CPU free for them.
+The 0-CPU stages fit on any node, the head with `num-cpus: 0` included. A GPU cluster with a
+single whole CPU has no CPU to spare: there, one actor asks for no CPU and shares the core
+with the decode tasks.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ class Node:
 class Placement:
     """The predictor pool: `actors` to start with (up to `max_actors`), on `device`, each actor
     asking for `cpus_per_actor` CPUs (whole) and `resources` (e.g. {"GPU": 1}); `fits` actors
-    keep one CPU spare on the cluster as it was planned (`nodes`)."""
+    fit the cluster as it was planned (`nodes`), with one CPU spare beside GPU actors."""
 
     device: str
     actors: int
@@ -75,8 +81,7 @@ class Placement:
     @property
     def threads_per_actor(self) -> int:
         """The cluster's whole CPUs per predictor actor, rounded up: what a CPU actor decodes with
-        by default. The CPU kept spare is a scheduling reservation for the other stages' short
-        tasks, not a core left idle: on 2 CPUs the one actor decodes on both."""
+        by default (1 for the default pool, one actor per CPU; 2 for one actor on 2 CPUs)."""
         return max(1, math.ceil(self.cpus / max(1, self.actors)))
 
     def shape(self) -> str:
@@ -103,10 +108,10 @@ def describe(nodes: tuple[Node, ...] | list[Node], resources: dict[str, float] |
     return ", ".join(words)
 
 
-def fits(nodes: tuple[Node, ...] | list[Node], resources: dict[str, float]) -> int:
-    """How many whole-CPU actors asking `resources` besides 1 CPU fit with one CPU spare."""
+def fits(nodes: tuple[Node, ...] | list[Node], resources: dict[str, float], spare: int) -> int:
+    """How many whole-CPU actors asking `resources` besides 1 CPU fit with `spare` whole CPUs left."""
     slots = sum(min([n.cpus] + [n.units(name, per) for name, per in resources.items()]) for n in nodes)
-    return max(0, min(slots, sum(n.cpus for n in nodes) - 1))
+    return max(0, min(slots, sum(n.cpus for n in nodes) - spare))
 
 
 def place(job: JobConfig, nodes: tuple[Node, ...] | None = None) -> Placement:
@@ -115,7 +120,7 @@ def place(job: JobConfig, nodes: tuple[Node, ...] | None = None) -> Placement:
     `cuda` never needs GPUs to be there already: on an autoscaling cluster whose GPU workers
     start at zero, the pool's GPU requests are what makes the autoscaler add GPU nodes (and the
     stall watcher says so while it waits). A `num_actors` above what fits is honoured with a
-    warning: the extra actors wait for nodes, and may hold the CPU the other stages need.
+    warning: the extra actors wait for nodes (and beside GPUs may hold the CPU decoding needs).
     """
     nodes = alive_nodes() if nodes is None else nodes
     gpus = sum(n.resources.get("GPU", 0) for n in nodes)
@@ -131,14 +136,15 @@ def place(job: JobConfig, nodes: tuple[Node, ...] | None = None) -> Placement:
     resources = {"GPU": job.gpus_per_actor} if device == "cuda" else {}
     if job.actor_resource:
         resources[job.actor_resource] = 1.0
-    fit, cpus_per_actor = fits(nodes, resources), 1.0
+    spare = 0 if device == "cpu" else 1  # decode tasks beside GPU actors ask for a CPU (module docstring)
+    fit, cpus_per_actor = fits(nodes, resources, spare), 1.0
     if fit == 0 and sum(n.cpus for n in nodes) == 1:
         fit, cpus_per_actor = 1, 0.0
     actors = job.num_actors or max(1, fit)
     if actors > fit:
-        log.warning("%d predictor actor(s) asked for, but %d fit on %s with one CPU spare for the other stages; "
-                    "the rest wait for nodes (set num_actors <= %d, or add a node)", actors, fit,
-                    describe(nodes, resources), max(fit, 1))
+        log.warning("%d predictor actor(s) asked for, but %d fit on %s%s; the rest wait for nodes "
+                    "(set num_actors <= %d, or add a node)", actors, fit, describe(nodes, resources),
+                    " with one CPU spare for decoding" if spare else "", max(fit, 1))
     max_actors = max(job.max_actors or actors, actors)
     return Placement(device, actors, max_actors, cpus_per_actor, resources, fit, nodes)
 

@@ -140,7 +140,9 @@ def plan(output: str, storage_options: dict[str, Any], needed: dict[str, str], r
     return done_with_figures(fs, root, needed, retry_failed, reviewed)
 
 
-PLAN_TASK = {"num_returns": 2, "num_cpus": 1, "max_retries": 3}  # ray.remote(**PLAN_TASK)(plan)
+# Asks for no CPU: it runs while the predictor actors start, and on device cpu they take every
+# CPU (batchseg.run.placement); like the listing, it mostly waits on storage.
+PLAN_TASK = {"num_returns": 2, "num_cpus": 0, "max_retries": 3}  # ray.remote(**PLAN_TASK)(plan)
 
 
 def done_with_figures(fs, root: str, needed: dict[str, str], retry_failed: bool,

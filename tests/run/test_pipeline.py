@@ -151,3 +151,26 @@ def test_failed_batched_forward_retries_images_alone(samples, monkeypatch):
     assert rows[1]["error"] == "instance: predict failed: RuntimeError: CUDA error: an illegal memory access"
     assert rows[1]["error_kind"] == "model"  # on CPU a "CUDA error" is just an error of this image
     assert len(rows[0]["instances"]) == 2
+
+
+def test_the_listing_cuts_its_blocks_itself_asking_for_no_cpu(ray_cluster, samples, oracle_run):
+    """The rows to read come in blocks of read_rows_per_block, cut inside the listing tasks
+    (pipeline._in_blocks_of: Ray Data's StreamingRepartition, fused into the listing map),
+    which ask for no CPU: on device cpu the predictor pool holds every CPU (2 actors on the
+    session's 2 CPUs), and a stage asking for one would never start."""
+    from batchseg.run import job, pipeline, stages
+    from batchseg.store.ledger import DoneSet
+
+    _, summary, _ = oracle_run
+    assert (summary["actors"]["min"], summary["actors"]["cpus_each"]) == (2, 1.0)
+    cfg = load_config(None, [(["inputs"], [str(samples.root)]), (["output"], "/unused")])
+    units = job.plan_inputs(cfg)
+    ds = pipeline.listing(units, cfg.s3, DoneSet(None), 4, cpus=2, max_retries=0)
+    blocks = [len(block["uri"]) for block in ds.iter_batches(batch_size=None)]
+    stats = ds.stats()
+    listed = sum(len(page["uri"]) for page in stages.list_inputs({"unit": np.arange(len(units))}, units, cfg.s3,
+                                                                  DoneSet(None)))
+    assert max(blocks) == 4 and sum(blocks) == listed > 8
+    assert "MapBatches(list_inputs)->StreamingRepartition" in stats and "\nOperator 2 " not in stats, stats
+    [op] = [o for o in ds._logical_plan.dag.post_order_iter() if type(o).__name__ == "StreamingRepartition"]
+    assert op.ray_remote_args["num_cpus"] == 0
