@@ -12,8 +12,10 @@
    with masks of realistic size) over 1920x1080 JPEGs resized to 800: the pipeline's images/s
    against the cores Ray has times a tight single-process loop doing the same work (read,
    decode, resize, predict, encode, one Parquet file). What is left is the pipeline's own cost.
-   Twice, in one run: with each actor decoding on one thread (before decode_threads) and with
-   decode_threads' default; each with the start-up (run start to the first batch in a
+   Three figures: over N images (start-up included), marginal (3N / the wall time 4N adds),
+   and running (4N images from the first batch in a predictor to the end).
+   Twice, in one run: one actor decoding on two threads (the pool before every CPU got an
+   actor) and the default pool; each with the start-up (run start to the first batch in a
    predictor).
 5. the predictor actor's serial CPU per image outside the forward: Annotate over 16 decoded
    1920x1080 images with 20 instances each (ZeroCostBackend), the CPU time of the calling
@@ -125,17 +127,17 @@ def tight_loop(files: list[Path], out: Path) -> float:
     import pyarrow.parquet as pq
 
     from batchseg.rows.encoding import encode_instances
-    from batchseg.inputs.imaging import decode_rgb
+    from batchseg.inputs.imaging import decode_image, model_inputs
     from batchseg.rows.schema import ROW, image_id
 
     cfg = ModelConfig(backend="benchmarks.throughput:ZeroCostBackend")
     backend, prep = ZeroCostBackend(cfg, None, "cpu", "fp32"), ZeroCostBackend.preprocessor(cfg)
     start, rows = time.perf_counter(), []
     for path in files:
-        rgb = decode_rgb(path.read_bytes(), 89_478_485)
-        det = backend.predict([ModelInput(str(path), prep(rgb), *rgb.shape[:2])])[0]
-        rows.append({"image_id": image_id(str(path)), "image_uri": str(path), "width": rgb.shape[1],
-                     "height": rgb.shape[0], "instances": encode_instances(det, 0.5)})
+        image = decode_image(path.read_bytes(), 89_478_485)
+        det = backend.predict([ModelInput(str(path), *model_inputs(image, [prep]), image.height, image.width)])[0]
+        rows.append({"image_id": image_id(str(path)), "image_uri": str(path), "width": image.width,
+                     "height": image.height, "instances": encode_instances(det, 0.5)})
     pq.write_table(pa.Table.from_pylist(rows, schema=ROW), out)
     return len(files) / (time.perf_counter() - start)
 
@@ -158,8 +160,10 @@ def zero_cost_section(args, work: Path) -> None:
     print(f"zero-cost model: JPEGs of 1920x1080 resized to 800, {ZERO_COST_INSTANCES} instances each, {cores} cores; "
           f"ray.init {ray_start:.1f} s")
     print(f"tight single-process loop ({n} images): {single:8.2f} images/s; x {cores} cores = {ideal:.2f}")
-    # before: each actor decoded on one thread; after: decode_threads' default
-    for name, settings in (("1 decode thread per actor", {"decode_threads": 1}), ("decode_threads default", {})):
+    pipeline_run(work / "zero_cost_n", work / "out_warm_up", model, args)  # both rows start on a warm Ray
+    # before: one actor with a CPU kept spare, decoding on both cores; after: one actor per CPU
+    for name, settings in (("one actor, decoding on 2 threads (the pool before)", {"num_actors": 1, "decode_threads": 2}),
+                           ("the default pool", {})):
         small = pipeline_run(work / "zero_cost_n", work / "out_zero_cost_n", model, args, **settings)
         large = pipeline_run(work / "zero_cost_4n", work / "out_zero_cost_4n", model, args, **settings)
         marginal = 3 * n / (large["wall_time_s"] - small["wall_time_s"])
@@ -169,6 +173,9 @@ def zero_cost_section(args, work: Path) -> None:
         print(f"  pipeline, {4 * n} images:     {large['images_per_s']:8.2f} images/s   / (cores x loop) = "
               f"{large['images_per_s'] / ideal:.2f}  (wall {large['wall_time_s']:.1f} s)")
         print(f"  marginal ({3 * n} more images): {marginal:8.2f} images/s   / (cores x loop) = {marginal / ideal:.2f}")
+        running = 4 * n / (large["wall_time_s"] - large["predictors"]["startup_s"])
+        print(f"  running ({4 * n} images, first batch in a predictor to the end): {running:8.2f} images/s   "
+              f"/ (cores x loop) = {running / ideal:.2f}")
         print(f"  start-up: run start to the first batch in a predictor {small['predictors']['startup_s']} s "
               f"(benchmarks/startup.py has the rest); bottleneck: {small['predictors']['bottleneck']}")
     ray.shutdown()
