@@ -81,18 +81,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def model_inputs(image: Image.Image | np.ndarray, preprocessors: list[Callable[[np.ndarray], np.ndarray]]
                  ) -> list[np.ndarray]:
     """One upright RGB image (a PIL image, or an (H, W, 3) uint8 array) -> each preprocessor's
-    model input. A preprocessor with `from_image` (ShortestEdge) takes the PIL image as it is;
-    the others get the (H, W, 3) array, made once."""
+    model input. A preprocessor with `from_image` (ShortestEdge) takes the PIL image, the others
+    the (H, W, 3) array; each form is made at most once."""
     array = image if isinstance(image, np.ndarray) else None
+    pil = None if array is not None else image
     out = []
     for prep in preprocessors:
-        from_image = getattr(prep, "from_image", None)
-        if from_image is not None:
-            out.append(from_image(Image.fromarray(image) if isinstance(image, np.ndarray) else image))
-            continue
-        if array is None:
-            array = np.asarray(image)
-        out.append(prep(array))
+        if hasattr(prep, "from_image"):
+            pil = Image.fromarray(array) if pil is None else pil
+            out.append(prep.from_image(pil))
+        else:
+            array = np.asarray(pil) if array is None else array
+            out.append(prep(array))
     return out
 
 
